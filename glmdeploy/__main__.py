@@ -1,0 +1,7 @@
+"""`python -m glmdeploy` is the `glmdeploy` command."""
+
+import sys
+
+from glmdeploy.cli import main
+
+sys.exit(main())

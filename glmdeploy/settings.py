@@ -1,0 +1,264 @@
+"""The typed, frozen view of a validated deployment config.
+
+Everything after validation reads these objects, never raw dicts or DictConfigs. Each field here has
+exactly one counterpart in `schemas/deployment.schema.json` (a test keeps the two in step); the schema
+owns ranges and descriptions, `conf/` owns defaults.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GIB = 1024**3
+
+
+class SourceKind(enum.StrEnum):
+    """Where a model's weights come from."""
+
+    EMBEDDED = "embedded"  # materialised locally from the architecture with seeded random weights
+    LOCAL = "local"  # a checkpoint directory on disk
+    HUB = "hub"  # a Hugging Face hub id (downloaded by transformers, pinned revision)
+    NONE = "none"  # architecture only: plan, never load
+
+
+class CheckpointLayout(enum.StrEnum):
+    """The parameter naming of the checkpoint on disk."""
+
+    NATIVE = "native"  # transformers' own names for `architecture.model_type`
+    CHATGLM = "chatglm"  # legacy ChatGLM2/3 / GLM-4-chat remote-code names, converted on load
+
+
+class GpuMode(enum.StrEnum):
+    AUTO = "auto"  # every GPU this process can see
+    IDS = "ids"  # the physical ids in `gpus.ids`
+    LEAST_USED = "least_used"  # the `gpus.count` GPUs with the least memory in use
+    CPU = "cpu"  # no GPU at all
+    DECLARED = "declared"  # a fleet described in `gpus.declared`, for planning without the hardware
+
+
+class Dtype(enum.StrEnum):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class Quantization(enum.StrEnum):
+    NONE = "none"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class Strategy(enum.StrEnum):
+    AUTO = "auto"
+    BALANCED = "balanced"
+    BALANCED_LOW_0 = "balanced_low_0"
+    SEQUENTIAL = "sequential"
+    EXPLICIT = "explicit"
+    PLAN_FILE = "plan_file"
+    TRANSFORMERS = "transformers"  # transformers' own device_map="auto", for comparison
+
+
+class Offload(enum.StrEnum):
+    NONE = "none"
+    CPU = "cpu"
+    DISK = "disk"  # cpu first, then disk
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The config.json values that determine tensor shapes, in transformers' native names."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    rms_norm_eps: float = 1e-5
+    partial_rotary_factor: float | None = None
+    rope_theta: float | None = None
+    # Mixture-of-experts models (glm4_moe, qwen2_moe, …); zero/None for dense models.
+    n_routed_experts: int = 0
+    moe_intermediate_size: int | None = None
+    num_experts_per_tok: int | None = None
+    n_shared_experts: int | None = None
+    first_k_dense_replace: int | None = None
+
+    def to_hf_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `transformers.AutoConfig.for_model` (None values left out)."""
+        kwargs = {k: v for k, v in asdict(self).items() if v is not None and k != "model_type"}
+        if not self.n_routed_experts:
+            for key in ("n_routed_experts", "moe_intermediate_size", "num_experts_per_tok",
+                        "n_shared_experts", "first_k_dense_replace"):
+                kwargs.pop(key, None)
+        rope: dict[str, Any] = {"rope_type": "default"}
+        if self.rope_theta is not None:
+            rope["rope_theta"] = kwargs.pop("rope_theta")
+        if self.partial_rotary_factor is not None:
+            rope["partial_rotary_factor"] = kwargs.pop("partial_rotary_factor")
+        if len(rope) > 1:
+            kwargs["rope_parameters"] = rope
+        return kwargs
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: SourceKind
+    path: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    layout: CheckpointLayout = CheckpointLayout.NATIVE
+    seed: int = 0  # embedded models only
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: ModelSource
+    architecture: Architecture | None  # None: read from the local checkpoint's config.json
+
+
+@dataclass(frozen=True)
+class DeclaredGpu:
+    name: str
+    memory_gib: float
+    compute_capability: tuple[int, int] = (8, 0)
+
+
+@dataclass(frozen=True)
+class GpuSelection:
+    mode: GpuMode
+    ids: tuple[int, ...] = ()  # physical ids as nvidia-smi shows them (mode=ids)
+    count: int | None = None  # mode=least_used
+    declared: tuple[DeclaredGpu, ...] = ()  # mode=declared; physical ids are 0..n-1
+    max_memory_gib: Mapping[int, float] = field(default_factory=dict)  # physical id -> cap
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: Dtype
+    quantization: Quantization = Quantization.NONE
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    """One record of an explicit map: module names or layer ranges, and where they go.
+
+    `device` is a physical GPU id (the same ids as `gpus.ids`), "cpu" or "disk".
+    Module patterns are exact module names, optionally with one inclusive range:
+    `model.layers.0-13` means `model.layers.0` … `model.layers.13`.
+    """
+
+    modules: tuple[str, ...]
+    device: int | str
+
+
+@dataclass(frozen=True)
+class Placement:
+    strategy: Strategy
+    reserve_gib: float = 1.0  # per GPU: CUDA context, allocator fragmentation
+    gpu0_free_fraction: float = 0.3  # balanced_low_0: share of GPU 0's budget kept free
+    offload: Offload = Offload.NONE
+    cpu_memory_gib: float | None = None  # budget for cpu offload (None: 90% of free RAM)
+    offload_folder: str | None = None
+    map: tuple[MapEntry, ...] = ()
+    plan_file: str | None = None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    max_context_tokens: int  # prompt + generated tokens per sequence
+    batch_size: int = 1
+    max_new_tokens: int = 32
+    prompt: str = "The capital of France is"
+    kv_cache_dtype: Dtype = Dtype.AUTO  # auto: the compute dtype
+
+
+@dataclass(frozen=True)
+class Deployment:
+    model: ModelSpec
+    gpus: GpuSelection
+    precision: Precision
+    placement: Placement
+    runtime: Runtime
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str, sort_keys=True)
+
+
+def _tuple(value: Any) -> tuple[Any, ...]:
+    return tuple(value) if value is not None else ()
+
+
+def deployment_from_dict(cfg: Mapping[str, Any]) -> Deployment:
+    """Build the typed view from a config dict that has already passed validation."""
+    m, g, p, pl, r = (cfg["model"], cfg["gpus"], cfg["precision"], cfg["placement"], cfg["runtime"])
+    src = m["source"]
+    arch = m.get("architecture")
+    return Deployment(
+        model=ModelSpec(
+            name=m["name"],
+            source=ModelSource(
+                kind=SourceKind(src["kind"]),
+                path=src.get("path"),
+                hub_id=src.get("hub_id"),
+                revision=src.get("revision"),
+                trust_remote_code=bool(src.get("trust_remote_code", False)),
+                layout=CheckpointLayout(src.get("layout", "native")),
+                seed=int(src.get("seed", 0)),
+            ),
+            architecture=Architecture(**arch) if arch else None,
+        ),
+        gpus=GpuSelection(
+            mode=GpuMode(g["mode"]),
+            ids=_tuple(g.get("ids")),
+            count=g.get("count"),
+            declared=tuple(
+                DeclaredGpu(
+                    name=d["name"],
+                    memory_gib=float(d["memory_gib"]),
+                    compute_capability=tuple(d.get("compute_capability", (8, 0))),  # type: ignore[arg-type]
+                )
+                for d in _tuple(g.get("declared"))
+            ),
+            max_memory_gib={int(k): float(v) for k, v in (g.get("max_memory_gib") or {}).items()},
+        ),
+        precision=Precision(
+            dtype=Dtype(p["dtype"]), quantization=Quantization(p.get("quantization", "none"))
+        ),
+        placement=Placement(
+            strategy=Strategy(pl["strategy"]),
+            reserve_gib=float(pl.get("reserve_gib", 1.0)),
+            gpu0_free_fraction=float(pl.get("gpu0_free_fraction", 0.3)),
+            offload=Offload(pl.get("offload", "none")),
+            cpu_memory_gib=pl.get("cpu_memory_gib"),
+            offload_folder=pl.get("offload_folder"),
+            map=tuple(
+                MapEntry(modules=_modules(e["modules"]), device=e["device"])
+                for e in _tuple(pl.get("map"))
+            ),
+            plan_file=pl.get("plan_file"),
+        ),
+        runtime=Runtime(
+            max_context_tokens=int(r["max_context_tokens"]),
+            batch_size=int(r.get("batch_size", 1)),
+            max_new_tokens=int(r.get("max_new_tokens", 32)),
+            prompt=str(r.get("prompt", "The capital of France is")),
+            kv_cache_dtype=Dtype(r.get("kv_cache_dtype", "auto")),
+        ),
+    )
+
+
+def _modules(value: str | list[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
