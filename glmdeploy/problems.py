@@ -1,7 +1,7 @@
 """Problems as data, the errors that carry them, exit codes, and their rendering for humans.
 
-Every user-facing failure in glmdeploy is a list of `Problem`s inside a `GlmDeployError` subclass; the
-CLI renders it at the edge and exits with the error's code. Tests assert on the data.
+Every user-facing failure in glmdeploy is a list of `Problem`s inside a `GlmDeployError`
+subclass; the CLI renders it at the edge and exits with the error's code. Tests assert on the data.
 """
 
 from __future__ import annotations

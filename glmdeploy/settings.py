@@ -1,8 +1,8 @@
 """The typed, frozen view of a validated deployment config.
 
-Everything after validation reads these objects, never raw dicts or DictConfigs. Each field here has
-exactly one counterpart in `schemas/deployment.schema.json` (a test keeps the two in step); the schema
-owns ranges and descriptions, `conf/` owns defaults.
+Everything after validation reads these objects, never raw dicts or DictConfigs. Each field here
+has exactly one counterpart in `schemas/deployment.schema.json` (a test keeps the two in step); the
+schema owns ranges and descriptions, `conf/` owns defaults.
 """
 
 from __future__ import annotations
@@ -98,8 +98,13 @@ class Architecture:
         """Keyword arguments for `transformers.AutoConfig.for_model` (None values left out)."""
         kwargs = {k: v for k, v in asdict(self).items() if v is not None and k != "model_type"}
         if not self.n_routed_experts:
-            for key in ("n_routed_experts", "moe_intermediate_size", "num_experts_per_tok",
-                        "n_shared_experts", "first_k_dense_replace"):
+            for key in (
+                "n_routed_experts",
+                "moe_intermediate_size",
+                "num_experts_per_tok",
+                "n_shared_experts",
+                "first_k_dense_replace",
+            ):
                 kwargs.pop(key, None)
         rope: dict[str, Any] = {"rope_type": "default"}
         if self.rope_theta is not None:
@@ -195,6 +200,28 @@ class Deployment:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str, sort_keys=True)
+
+    def summary(self) -> str:
+        """One line for humans: model, GPUs, precision, placement, context."""
+        g = self.gpus
+        gpus = {
+            GpuMode.AUTO: "all visible GPUs",
+            GpuMode.IDS: f"GPUs {', '.join(map(str, g.ids))}",
+            GpuMode.LEAST_USED: f"{g.count} least used GPU(s)",
+            GpuMode.CPU: "CPU",
+            GpuMode.DECLARED: " + ".join(f"{d.memory_gib:g} GiB" for d in g.declared)
+            + " (declared)",
+        }[g.mode]
+        quant = (
+            ""
+            if self.precision.quantization is Quantization.NONE
+            else f"/{self.precision.quantization}"
+        )
+        r = self.runtime
+        return (
+            f"{self.model.name} on {gpus}, {self.precision.dtype}{quant}, "
+            f"placement {self.placement.strategy}, {r.batch_size}×{r.max_context_tokens} tokens"
+        )
 
 
 def _tuple(value: Any) -> tuple[Any, ...]:

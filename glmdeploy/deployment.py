@@ -1,0 +1,72 @@
+"""Turn command-line overrides into validated deployments: compose, check, type."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from glmdeploy.compose import compose_dict
+from glmdeploy.problems import ConfigError, Problem
+from glmdeploy.settings import Deployment
+from glmdeploy.validate import check, validate_dict
+
+
+@dataclass(frozen=True)
+class Job:
+    """One composed and validated deployment, with the overrides that produced it."""
+
+    overrides: tuple[str, ...]
+    config: dict[str, Any]  # the resolved config as a plain dict (what `show` prints)
+    deployment: Deployment
+
+
+def load_deployment(overrides: Sequence[str]) -> Job:
+    """Compose and validate one deployment. Raises ConfigError with every problem found."""
+    cfg = compose_dict(overrides)
+    return Job(tuple(overrides), cfg, validate_dict(cfg))
+
+
+def load_deployments(overrides: Sequence[str], *, sweep: bool = False) -> list[Job]:
+    """Compose and validate one deployment, or every job of a sweep before any job runs.
+
+    For a sweep, the problems of all invalid combinations are reported together, each path
+    prefixed by the job's overrides, so that nothing is launched when one combination is wrong.
+    """
+    if not sweep:
+        return [load_deployment(overrides)]
+    from glmdeploy.sweep import expand_sweep
+
+    jobs: list[Job] = []
+    problems: list[Problem] = []
+    combos = expand_sweep(overrides)
+    for combo in combos:
+        label = " ".join(combo)
+        try:
+            cfg = compose_dict(combo)
+        except ConfigError as exc:
+            problems += [_in_job(label, p) for p in exc.problems]
+            continue
+        found = check(cfg)
+        if found:
+            problems += [_in_job(label, p) for p in found]
+        else:
+            jobs.append(Job(tuple(combo), cfg, validate_dict(cfg)))
+    if problems:
+        bad = len(combos) - len(jobs)
+        raise ConfigError(
+            problems, f"invalid sweep: {bad} of {len(combos)} jobs are invalid, none was launched"
+        )
+    return jobs
+
+
+def _in_job(label: str, problem: Problem) -> Problem:
+    return Problem(f"[{label}] {problem.path}", problem.message, problem.expected, problem.hint)
+
+
+def compose_resolved_yaml(overrides: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """The resolved config as YAML text (as `--cfg job --resolve` prints it) and as a dict."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_dict(overrides)
+    return OmegaConf.to_yaml(OmegaConf.create(cfg)), cfg

@@ -1,0 +1,52 @@
+"""Run a glmdeploy command through Hydra's own application runner (run dirs, -m, --cfg, --info)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from glmdeploy.compose import CONF_DIR, VERSION_BASE
+from glmdeploy.problems import ExitCode, GlmDeployError, render_problems
+
+if TYPE_CHECKING:
+    from glmdeploy.cli import Args
+
+JobFn = Callable[[dict[str, Any], "Args"], int]
+
+
+def run_hydra(args: Args, job: JobFn | None) -> int:
+    """Hand the command line to Hydra; call `job` once per (multi)run job with the resolved config.
+
+    Hydra prints `--cfg`/`--info` itself and creates run directories. A job's GlmDeployError is
+    printed in glmdeploy's format and becomes that job's exit code; the worst code is returned.
+    """
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    codes: list[int] = []
+
+    def task(cfg: DictConfig) -> None:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        assert isinstance(resolved, dict) and job is not None
+        try:
+            codes.append(job({str(k): v for k, v in resolved.items()}, args))
+        except GlmDeployError as exc:
+            print(render_problems(exc.title, exc.problems), file=sys.stderr)
+            codes.append(int(exc.exit_code))
+
+    flags = list(args.hydra_flags)
+    if "--cfg" in flags or "-c" in flags:
+        flags.append("--resolve")  # print what `glmdeploy show` prints: the resolved config
+    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=VERSION_BASE)(
+        task
+    )
+    saved = sys.argv
+    sys.argv = [f"glmdeploy {args.command}", *flags, *args.overrides]
+    try:
+        app()
+    except SystemExit as exc:  # Hydra reports its own failures with sys.exit(1)
+        return ExitCode.CONFIG if exc.code not in (0, None) else ExitCode.OK
+    finally:
+        sys.argv = saved
+    return max(codes, default=ExitCode.OK)
