@@ -197,6 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except Exception as exc:  # a bug in glmdeploy: say so plainly, traceback only with --debug
+        if args.debug:
+            raise
+        print(
+            f"internal error: {type(exc).__name__}: {exc}\n  hint: rerun with --debug for the "
+            "traceback and report it with the output of `glmdeploy doctor`",
+            file=sys.stderr,
+        )
+        return ExitCode.FAILURE
 
 
 def report_error(exc: GlmDeployError, args: Args) -> None:
@@ -232,11 +241,13 @@ def _cmd_validate(args: Args) -> int:
         return run_hydra(args, job=None)
     jobs = load_deployments(args.overrides, sweep=args.multirun)
     if args.json:
-        print_json({"ok": True, "jobs": [{"overrides": o, "config": d.as_dict()} for o, d in jobs]})
+        print_json(
+            {"ok": True, "jobs": [{"overrides": j.overrides, "config": j.config} for j in jobs]}
+        )
     else:
-        for overrides, dep in jobs:
-            label = " ".join(overrides) or "(defaults)"
-            print(f"ok: {label} — {dep.summary()}")
+        for job in jobs:
+            label = " ".join(job.overrides) or "(defaults)"
+            print(f"ok: {label}: {job.deployment.summary()}")
     return ExitCode.OK
 
 

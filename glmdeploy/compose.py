@@ -63,6 +63,7 @@ def compose_tolerant(
     Returns the config composed from the acceptable overrides (None if even that fails) and the
     problems of the rejected ones.
     """
+    import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -71,12 +72,30 @@ def compose_tolerant(
     while True:
         try:
             return _compose(remaining, config_dir), problems
+        except yaml.MarkedYAMLError as exc:
+            return None, [*problems, _yaml_problem(exc, config_dir)]
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
             problems += translate_hydra_error(exc, remaining, config_dir)
             culprit = _culprit(exc, remaining)
             if culprit is None:
                 return None, problems
             remaining.remove(culprit)
+
+
+def _yaml_problem(exc: Any, config_dir: Path) -> Problem:
+    """A YAML syntax error in a config file, located by group path, file, line and column."""
+    mark = exc.problem_mark or exc.context_mark
+    file = Path(mark.name) if mark is not None else None
+    where = ""
+    if file is not None and file.is_relative_to(config_dir):
+        where = file.relative_to(config_dir).with_suffix("").as_posix().replace("/", "=", 1)
+    at = f"{file}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
+    return Problem(
+        where,
+        f"YAML syntax error in {at}: {exc.problem}",
+        "valid YAML",
+        "look for an unclosed bracket or quote, or a tab for indentation",
+    )
 
 
 def _compose(overrides: list[str], config_dir: Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from glmdeploy.compose import compose_dict
+from glmdeploy.compose import compose_dict, compose_tolerant
 from glmdeploy.problems import ConfigError, Problem
 from glmdeploy.settings import Deployment
 from glmdeploy.validate import check, validate_dict
@@ -22,8 +22,16 @@ class Job:
 
 
 def load_deployment(overrides: Sequence[str]) -> Job:
-    """Compose and validate one deployment. Raises ConfigError with every problem found."""
-    cfg = compose_dict(overrides)
+    """Compose and validate one deployment. Raises ConfigError with every problem found.
+
+    Overrides that Hydra rejects are reported together with the problems of the config composed
+    from the others.
+    """
+    cfg, problems = compose_tolerant(overrides)
+    if cfg is not None:
+        problems += check(cfg)
+    if problems or cfg is None:
+        raise ConfigError(problems)
     return Job(tuple(overrides), cfg, validate_dict(cfg))
 
 
@@ -43,15 +51,9 @@ def load_deployments(overrides: Sequence[str], *, sweep: bool = False) -> list[J
     for combo in combos:
         label = " ".join(combo)
         try:
-            cfg = compose_dict(combo)
+            jobs.append(load_deployment(combo))
         except ConfigError as exc:
             problems += [_in_job(label, p) for p in exc.problems]
-            continue
-        found = check(cfg)
-        if found:
-            problems += [_in_job(label, p) for p in found]
-        else:
-            jobs.append(Job(tuple(combo), cfg, validate_dict(cfg)))
     if problems:
         bad = len(combos) - len(jobs)
         raise ConfigError(

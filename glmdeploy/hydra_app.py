@@ -49,4 +49,7 @@ def run_hydra(args: Args, job: JobFn | None) -> int:
         return ExitCode.CONFIG if exc.code not in (0, None) else ExitCode.OK
     finally:
         sys.argv = saved
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()  # let later compose() calls in this process initialise
     return max(codes, default=ExitCode.OK)

@@ -255,7 +255,7 @@ def deployment_from_dict(cfg: Mapping[str, Any]) -> Deployment:
                 DeclaredGpu(
                     name=d["name"],
                     memory_gib=float(d["memory_gib"]),
-                    compute_capability=tuple(d.get("compute_capability", (8, 0))),  # type: ignore[arg-type]
+                    compute_capability=_capability(d.get("compute_capability", (8, 0))),
                 )
                 for d in _tuple(g.get("declared"))
             ),
@@ -285,6 +285,11 @@ def deployment_from_dict(cfg: Mapping[str, Any]) -> Deployment:
             kv_cache_dtype=Dtype(r.get("kv_cache_dtype", "auto")),
         ),
     )
+
+
+def _capability(value: Any) -> tuple[int, int]:
+    major, minor = value
+    return int(major), int(minor)
 
 
 def _modules(value: str | list[str]) -> tuple[str, ...]:

@@ -19,6 +19,15 @@ from glmdeploy.settings import Deployment, deployment_from_dict
 
 MISSING = "???"
 _SIZE_STRING = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?[Bb]|[kmgt]i?b|[KMGT])\s*$")
+_BOUNDS = {
+    "minimum": ">=",
+    "exclusiveMinimum": ">",
+    "maximum": "<=",
+    "exclusiveMaximum": "<",
+    "minItems": "at least this many items:",
+    "maxItems": "at most this many items:",
+    "minLength": "at least this many characters:",
+}
 _RANGE = re.compile(r"^(?P<prefix>.*\.)(?P<start>\d+)(?:-(?P<end>\d+))?$")
 
 
@@ -120,7 +129,9 @@ def _leaf_errors(error: Any) -> list[Any]:
         return [error]
     deepest = max(len(e.absolute_path) for e in error.context)
     if deepest == len(error.absolute_path):
-        return [error]
+        # All branches failed at this level: prefer the branch whose type matched.
+        typed = [e for e in error.context if e.validator not in ("type", "enum", "oneOf")]
+        return typed or [error]
     return [e for e in error.context if len(e.absolute_path) == deepest]
 
 
@@ -162,6 +173,13 @@ def _translate(error: Any) -> Iterator[Problem]:
                 "not a GPU id",
                 "physical GPU ids (integers)",
                 "write the whole dict: 'gpus.max_memory_gib={0: 20, 1: 24}'",
+            )
+        elif kind in _BOUNDS:
+            yield Problem(
+                path,
+                f"found {_describe_value(value)}",
+                f"{_BOUNDS[kind]} {err.validator_value}",
+                schema.get("description"),
             )
         elif kind == "pattern":
             yield Problem(
