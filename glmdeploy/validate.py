@@ -200,16 +200,26 @@ def _pattern_hint(path: str) -> str | None:
 
 
 def _size_problem(path: str, value: str) -> Problem:
+    """A size string where glmdeploy wants a number of GiB, with the number it most likely means."""
     number, unit = _SIZE_STRING.match(value).groups()  # type: ignore[union-attr]
-    note = ""
-    if unit.endswith("b") and not unit.endswith("B"):
-        gib = float(number) * {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[unit[0].lower()] / 8 / 2**30
-        note = f" (accelerate reads '{value}' as gigabits: {gib:.2f} GiB)"
+    power = "kmgt".index(unit[0].lower()) + 1
+    base = 1024 if "i" in unit else 1000
+    bits = unit.endswith("b")
+    gib = float(number) * base**power / (8 if bits else 1) / 2**30
+    if bits:
+        note = f"accelerate reads '{value}' as gigabits: {gib:.2f} GiB"
+    elif not unit.endswith("B"):
+        note = f"'{value}' names no unit of bytes"
+    else:
+        note = f"= {gib:.2f} GiB"
+    meant = float(number) if bits or "i" in unit or not unit.endswith("B") else round(gib, 2)
+    parent, _, leaf = path.rpartition(".")
+    if parent.endswith("max_memory_gib") and leaf.isdigit():
+        fix = f"'{parent}={{{leaf}: {meant:g}}}'"
+    else:
+        fix = f"{path}={meant:g}"
     return Problem(
-        path,
-        f"size string '{value}'{note}",
-        "a number of GiB, e.g. 24 or 23.5",
-        f"write {path}={number}" + (" and convert to GiB" if "i" not in unit else ""),
+        path, f"size string '{value}' ({note})", "a number of GiB, e.g. 24 or 23.5", f"write {fix}"
     )
 
 
