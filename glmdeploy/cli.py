@@ -266,9 +266,65 @@ def _cmd_show(args: Args) -> int:
     return ExitCode.OK
 
 
+def _run_jobs(args: Args, job_fn: Callable[[dict[str, Any], Args], int]) -> int:
+    """Run a job function once, or once per sweep job after validating every combination."""
+    from glmdeploy.deployment import load_deployment, load_deployments
+
+    if args.multirun:
+        load_deployments(args.overrides, sweep=True)  # all combinations, before anything runs
+        if args.dry_run:
+            from glmdeploy.sweep import expand_sweep
+
+            for i, combo in enumerate(expand_sweep(args.overrides)):
+                print(f"job {i}: {' '.join(combo)}")
+            return ExitCode.OK
+    if args.hydra_mode:
+        from glmdeploy.hydra_app import run_hydra
+
+        return run_hydra(args, job_fn)
+    return job_fn(load_deployment(args.overrides).config, args)
+
+
+def _job_plan(cfg: dict[str, Any], args: Args) -> int:
+    from pathlib import Path
+
+    from glmdeploy.planning import DeploymentDoesNotFit, plan_deployment, save_plan
+    from glmdeploy.render import plan_json, print_plan
+    from glmdeploy.validate import validate_dict
+
+    deployment = validate_dict(cfg)
+    try:
+        planned = plan_deployment(deployment)
+    except DeploymentDoesNotFit as exc:
+        if not args.json:
+            print_plan(exc.planned)  # the best attempt, then the problems and fixes
+        report_error(exc, args)
+        return exc.exit_code
+    if args.save:
+        save_plan(planned.plan, Path(args.save))
+    if args.json:
+        print_json(plan_json(planned))
+    else:
+        print_plan(planned)
+        if args.save:
+            print(
+                f"saved: {args.save} (reuse: placement=plan_file placement.plan_file={args.save})"
+            )
+    return ExitCode.OK
+
+
+def _cmd_plan(args: Args) -> int:
+    return _run_jobs(args, _job_plan)
+
+
 COMMANDS: dict[str, Command] = {
     "validate": Command(
         "check a deployment config (and every job of a -m sweep); no torch", _cmd_validate
     ),
     "show": Command("print the resolved deployment config", _cmd_show),
+    "plan": Command(
+        "plan the placement and per-device memory budget (no weights, no GPU needed)",
+        _cmd_plan,
+        options=("--save", "--dry-run"),
+    ),
 }
