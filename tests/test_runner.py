@@ -1,0 +1,129 @@
+"""Running a loaded model on the CPU: prompt ids, greedy generation, limits, the benchmark."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from glmdeploy.anatomy import build_anatomy
+from glmdeploy.gpu_select import GpuAssignment
+from glmdeploy.loader import LoadedModel, load_model
+from glmdeploy.materialize import hf_config, materialize
+from glmdeploy.planner import plan_placement
+from glmdeploy.problems import ConfigError
+from glmdeploy.runner import bench, generate, prompt_ids
+from glmdeploy.settings import (
+    Architecture,
+    Deployment,
+    Dtype,
+    GpuMode,
+    GpuSelection,
+    ModelSource,
+    ModelSpec,
+    Placement,
+    Precision,
+    Runtime,
+    SourceKind,
+    Strategy,
+)  # fmt: skip
+
+TINY = Architecture(
+    model_type="glm", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
+    attention_bias=True, partial_rotary_factor=0.5,
+)  # fmt: skip
+RUNTIME = Runtime(max_context_tokens=64, max_new_tokens=6, prompt="The capital of France is")
+WORDS = ["[UNK]", "The", "capital", "of", "France", "is"]
+
+
+def load(source: ModelSource, cache: Path) -> LoadedModel:
+    dep = Deployment(
+        ModelSpec("tiny", source, TINY),
+        GpuSelection(GpuMode.CPU),
+        Precision(Dtype.AUTO),  # fp32 on the CPU
+        Placement(Strategy.AUTO),
+        RUNTIME,
+    )
+    plan = plan_placement(dep, build_anatomy(hf_config(TINY)), [])
+    return load_model(dep, plan, GpuAssignment(GpuMode.CPU, ()), cache_root=cache)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def loaded(cache: Path) -> LoadedModel:
+    return load(ModelSource(SourceKind.EMBEDDED, seed=0), cache)
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(cache: Path) -> LoadedModel:
+    """The same weights beside a word-level tokenizer, loaded as a local checkpoint."""
+    directory = cache / "with-tokenizer"
+    shutil.copytree(materialize(TINY, 0, cache / "embedded"), directory)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(directory)
+    return load(ModelSource(SourceKind.LOCAL, path=str(directory)), cache)
+
+
+def test_prompt_without_a_tokenizer_is_bytes_modulo_the_vocabulary(loaded: LoadedModel) -> None:
+    assert loaded.tokenizer is None
+    ids = prompt_ids(loaded, Runtime(max_context_tokens=64, prompt="Ωmega", batch_size=2))
+    expected = [b % 512 for b in "Ωmega".encode()]
+    assert ids.tolist() == [expected, expected]
+    with pytest.raises(ConfigError, match="empty"):
+        prompt_ids(loaded, Runtime(max_context_tokens=64, prompt=""))
+
+
+def test_generate_is_greedy_and_deterministic(loaded: LoadedModel) -> None:
+    first = generate(loaded, RUNTIME)
+    assert first.new_tokens == RUNTIME.max_new_tokens and first.text is None
+    assert first.input_device == "cpu"
+    assert generate(loaded, RUNTIME).new_ids == first.new_ids
+    batch = generate(loaded, Runtime(max_context_tokens=64, max_new_tokens=6, batch_size=2))
+    assert batch.new_ids == first.new_ids * 2
+    assert json.loads(json.dumps(first.to_dict()))["new_tokens"] == 6
+
+
+def test_context_limits_new_tokens(loaded: LoadedModel) -> None:
+    prompt_tokens = len(RUNTIME.prompt.encode())
+    short = Runtime(max_context_tokens=prompt_tokens + 2, max_new_tokens=6, prompt=RUNTIME.prompt)
+    assert generate(loaded, short).new_tokens == 2
+    with pytest.raises(ConfigError) as err:
+        generate(loaded, Runtime(max_context_tokens=prompt_tokens, prompt=RUNTIME.prompt))
+    assert err.value.problems[0].path == "runtime.max_context_tokens"
+
+
+def test_tokenizer_is_used_when_the_checkpoint_has_one(with_tokenizer: LoadedModel) -> None:
+    assert with_tokenizer.tokenizer is not None
+    ids = prompt_ids(with_tokenizer, RUNTIME)
+    assert ids.tolist() == [[1, 2, 3, 4, 5]]
+    result = generate(with_tokenizer, RUNTIME)
+    assert result.text is not None and len(result.text) == 1
+    assert result.new_tokens == RUNTIME.max_new_tokens
+
+
+def test_bench_returns_sane_numbers(loaded: LoadedModel) -> None:
+    result = bench(loaded, RUNTIME, repeats=3)
+    assert result.repeats == len(result.ttft_runs) == len(result.decode_runs) == 3
+    assert result.new_tokens == 6 and result.prompt_tokens == len(RUNTIME.prompt.encode())
+    assert 0 < result.ttft_seconds < 5
+    assert result.decode_tokens_per_s is not None and result.decode_tokens_per_s > 1
+    assert min(result.decode_runs) <= result.decode_tokens_per_s <= max(result.decode_runs)
+    (cpu,) = result.memory
+    assert cpu.device == "cpu" and cpu.peak_allocated_bytes is None
+    assert cpu.peak_rss_bytes is not None and cpu.peak_rss_bytes > 10 * 2**20
+    assert result.device_bytes == loaded.device_bytes
+    assert json.loads(json.dumps(result.to_dict()))["device_bytes"][0]["device"] == "cpu"
+    one = bench(loaded, Runtime(max_context_tokens=64, max_new_tokens=1), repeats=1)
+    assert one.decode_tokens_per_s is None and one.ttft_seconds > 0
+    with pytest.raises(ConfigError):
+        bench(loaded, RUNTIME, repeats=0)
