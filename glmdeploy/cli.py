@@ -10,10 +10,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from glmdeploy import __version__
-from glmdeploy.problems import ExitCode, GlmDeployError, render_problems
+from glmdeploy import __version__, commands
+from glmdeploy.problems import ExitCode, GlmDeployError
 
 # Hydra flags that take a value, and those that do not (see `python app.py --hydra-help`).
 _HYDRA_VALUE_FLAGS = {
@@ -51,6 +50,7 @@ class Args:
     json: bool = False
     debug: bool = False
     dry_run: bool = False
+    overwrite: bool = False
     save: str | None = None
     positional: list[str] = field(default_factory=list)  # convert SRC DST, replay DIR, …
 
@@ -93,6 +93,8 @@ def _parse(argv: Sequence[str]) -> Args:
             args.debug = True
         elif flag == "--dry-run" and "--dry-run" in spec.options:
             args.dry_run = True
+        elif flag == "--overwrite" and "--overwrite" in spec.options:
+            args.overwrite = True
         elif flag == "--save" and "--save" in spec.options:
             args.save = inline or (rest[i + 1] if i + 1 < len(rest) else "")
             i += 0 if inline else 1
@@ -192,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GlmDeployError as exc:
         if args.debug:
             raise
-        report_error(exc, args)
+        commands.report_error(exc, args)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -208,123 +210,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.FAILURE
 
 
-def report_error(exc: GlmDeployError, args: Args) -> None:
-    """Print an error's problems to stderr (and as JSON on stdout with --json)."""
-    if args.json:
-        import json
-
-        payload = {
-            "ok": False,
-            "exit_code": int(exc.exit_code),
-            "error": exc.title,
-            "problems": [p.to_dict() for p in exc.problems],
-        }
-        print(json.dumps(payload, indent=2))
-    print(render_problems(exc.title, exc.problems), file=sys.stderr)
-
-
-def print_json(payload: Any) -> None:
-    import json
-
-    print(json.dumps(payload, indent=2, default=str))
-
-
-# ----------------------------------------------------------------------------------- commands
-
-
-def _cmd_validate(args: Args) -> int:
-    from glmdeploy.deployment import load_deployments
-
-    if args.hydra_mode and not args.multirun:
-        from glmdeploy.hydra_app import run_hydra
-
-        return run_hydra(args, job=None)
-    jobs = load_deployments(args.overrides, sweep=args.multirun)
-    if args.json:
-        print_json(
-            {"ok": True, "jobs": [{"overrides": j.overrides, "config": j.config} for j in jobs]}
-        )
-    else:
-        for job in jobs:
-            label = " ".join(job.overrides) or "(defaults)"
-            print(f"ok: {label}: {job.deployment.summary()}")
-    return ExitCode.OK
-
-
-def _cmd_show(args: Args) -> int:
-    from glmdeploy.deployment import compose_resolved_yaml
-
-    if args.hydra_mode:
-        from glmdeploy.hydra_app import run_hydra
-
-        return run_hydra(args, job=None)
-    text, cfg = compose_resolved_yaml(args.overrides)
-    if args.json:
-        print_json(cfg)
-    else:
-        print(text, end="")
-    return ExitCode.OK
-
-
-def _run_jobs(args: Args, job_fn: Callable[[dict[str, Any], Args], int]) -> int:
-    """Run a job function once, or once per sweep job after validating every combination."""
-    from glmdeploy.deployment import load_deployment, load_deployments
-
-    if args.multirun:
-        load_deployments(args.overrides, sweep=True)  # all combinations, before anything runs
-        if args.dry_run:
-            from glmdeploy.sweep import expand_sweep
-
-            for i, combo in enumerate(expand_sweep(args.overrides)):
-                print(f"job {i}: {' '.join(combo)}")
-            return ExitCode.OK
-    if args.hydra_mode:
-        from glmdeploy.hydra_app import run_hydra
-
-        return run_hydra(args, job_fn)
-    return job_fn(load_deployment(args.overrides).config, args)
-
-
-def _job_plan(cfg: dict[str, Any], args: Args) -> int:
-    from pathlib import Path
-
-    from glmdeploy.planning import DeploymentDoesNotFit, plan_deployment, save_plan
-    from glmdeploy.render import plan_json, print_plan
-    from glmdeploy.validate import validate_dict
-
-    deployment = validate_dict(cfg)
-    try:
-        planned = plan_deployment(deployment)
-    except DeploymentDoesNotFit as exc:
-        if not args.json:
-            print_plan(exc.planned)  # the best attempt, then the problems and fixes
-        report_error(exc, args)
-        return exc.exit_code
-    if args.save:
-        save_plan(planned.plan, Path(args.save))
-    if args.json:
-        print_json(plan_json(planned))
-    else:
-        print_plan(planned)
-        if args.save:
-            print(
-                f"saved: {args.save} (reuse: placement=plan_file placement.plan_file={args.save})"
-            )
-    return ExitCode.OK
-
-
-def _cmd_plan(args: Args) -> int:
-    return _run_jobs(args, _job_plan)
-
-
 COMMANDS: dict[str, Command] = {
     "validate": Command(
-        "check a deployment config (and every job of a -m sweep); no torch", _cmd_validate
+        "check a deployment config (and every job of a -m sweep); no torch", commands.cmd_validate
     ),
-    "show": Command("print the resolved deployment config", _cmd_show),
+    "show": Command("print the resolved deployment config", commands.cmd_show),
     "plan": Command(
         "plan the placement and per-device memory budget (no weights, no GPU needed)",
-        _cmd_plan,
+        commands.cmd_job,
         options=("--save", "--dry-run"),
+    ),
+    "load": Command(
+        "plan, load the model exactly as planned and verify every tensor",
+        commands.cmd_job,
+        options=("--dry-run",),
+    ),
+    "generate": Command(
+        "plan, load, verify, then generate from runtime.prompt",
+        commands.cmd_job,
+        options=("--dry-run",),
+    ),
+    "bench": Command(
+        "plan, load, verify, then time generation: TTFT, tokens/s, peak memory",
+        commands.cmd_job,
+        options=("--dry-run",),
+    ),
+    "run": Command(
+        "the main job: plan, load, verify and generate a few tokens",
+        commands.cmd_job,
+        options=("--dry-run",),
+    ),
+    "doctor": Command(
+        "report GPUs, drivers, CUDA, versions; with overrides, whether the config fits",
+        commands.cmd_doctor,
+    ),
+    "replay": Command(
+        "re-run a recorded job with its config and plan; report every difference",
+        commands.cmd_replay,
+        positional=("run_dir",),
+    ),
+    "report": Command(
+        "tabulate a sweep directory (Markdown, CSV, plot)",
+        commands.cmd_report,
+        positional=("sweep_dir",),
+    ),
+    "convert": Command(
+        "convert a legacy ChatGLM2/3 checkpoint to native safetensors",
+        commands.cmd_convert,
+        positional=("src", "dst"),
+        options=("--overwrite",),
     ),
 }

@@ -144,7 +144,7 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     if resolved_dst == resolved_src or resolved_dst in resolved_src.parents:
         raise LoadError([Problem(str(dst), f"would overwrite the source checkpoint {src}")])
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        hint = "choose another destination, remove this one, or pass overwrite=True"
+        hint = "choose another destination, remove it, or pass `glmdeploy convert --overwrite`"
         raise LoadError([Problem(str(dst), "already exists and is not empty", hint=hint)])
 
 

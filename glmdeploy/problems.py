@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     HARDWARE = 3  # the GPUs asked for are not there, or CUDA is in the wrong state
     LOAD = 4  # the checkpoint cannot be read or does not match its config
     DOES_NOT_FIT = 5  # the plan does not fit the devices
+    REPLAY_DIFFERS = 6  # `replay` ran, but its plan or tokens differ from the record
     INTERRUPTED = 130
 
 

@@ -106,3 +106,52 @@ def plan_json(planned: PlannedDeployment) -> dict[str, Any]:
         "verdict": verdict(planned.plan),
         "plan": planned.plan.to_dict(),
     }
+
+
+def print_bench(result: Any) -> None:
+    """The `bench` table: speed, then memory and plan-vs-actual bytes per device."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
+    decode = result.decode_tokens_per_s
+    console.print(
+        f"bench: batch {result.batch_size}, {result.prompt_tokens} prompt + "
+        f"{result.new_tokens} new tokens, median of {result.repeats}: "
+        f"load {result.load_seconds:.2f} s, "
+        f"time to first token {result.ttft_seconds * 1000:.1f} ms, decode "
+        + (f"{decode:.1f} tokens/s" if decode is not None else "n/a (one new token)")
+    )
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in (
+        "device",
+        "planned MiB",
+        "loaded MiB",
+        "peak alloc MiB",
+        "peak reserved MiB",
+        "RSS MiB",
+        "peak RSS MiB",
+    ):
+        table.add_column(col, justify="left" if col == "device" else "right", no_wrap=True)
+
+    def mib(n: int | None) -> str:
+        return "—" if n is None else f"{n / 2**20:.1f}"
+
+    memory = {m.device: m for m in result.memory}
+    for row in result.device_bytes:
+        mem = memory.pop(row.label, None)  # GPUs are labelled like their plan rows; cpu is "cpu"
+        table.add_row(row.label, mib(row.predicted_bytes), mib(row.actual_bytes),
+                      *(mib(getattr(mem, f, None)) for f in ("peak_allocated_bytes",
+                        "peak_reserved_bytes", "rss_bytes", "peak_rss_bytes")))  # fmt: skip
+    for key, mem in memory.items():
+        table.add_row(
+            key,
+            "—",
+            "—",
+            mib(mem.peak_allocated_bytes),
+            mib(mem.peak_reserved_bytes),
+            mib(mem.rss_bytes),
+            mib(mem.peak_rss_bytes),
+        )
+    console.print(table)
