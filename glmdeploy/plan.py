@@ -97,7 +97,9 @@ class Fingerprint:
             ("runtime.max_context_tokens", "context", self.max_context_tokens,
              current.max_context_tokens),
             ("runtime.batch_size", "batch size", self.batch_size, current.batch_size),
-            ("gpus", "devices", self.devices, current.devices),
+            ("gpus", "GPUs", _gpus(self.devices), _gpus(current.devices)),
+            ("placement.offload", "offload devices", _offload(self.devices),
+             _offload(current.devices)),
         ]  # fmt: skip
         return [
             Problem(
@@ -113,9 +115,21 @@ class Fingerprint:
         return f"{self.model_class} {self.config_hash}"
 
 
+def _gpus(devices: tuple[tuple[DeviceKey, int], ...]) -> tuple[tuple[DeviceKey, int], ...]:
+    """The GPUs and their capacities: a plan is valid for exactly these."""
+    return tuple((k, c) for k, c in devices if isinstance(k, int))
+
+
+def _offload(devices: tuple[tuple[DeviceKey, int], ...]) -> str:
+    """cpu/disk by name only: free RAM and disk space change from run to run."""
+    return ", ".join(str(k) for k, _ in devices if not isinstance(k, int)) or "none"
+
+
 def _show(value: object) -> str:
     if not isinstance(value, tuple):
         return str(value)
+    if not value:
+        return "no GPU"
     return ", ".join(
         f"{'GPU ' if isinstance(k, int) else ''}{k} ({c / GIB:.3g} GiB)" for k, c in value
     )
