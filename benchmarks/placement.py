@@ -39,7 +39,8 @@ from glmdeploy.settings import (
 from glmdeploy.skeleton import meta_model
 
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "GLM-4-9B": ("glm4", dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696,
+    # glm-4-9b-chat-hf is transformers' GlmForCausalLM (model_type glm), like conf/model/
+    "GLM-4-9B": ("glm", dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696,
                               num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2,
                               head_dim=128, attention_bias=True)),
     "ChatGLM3-6B": ("glm", dict(vocab_size=65024, hidden_size=4096, intermediate_size=13696,

@@ -131,12 +131,17 @@ def hf_config_for(model: ModelSpec) -> Any:
         ) from exc
 
 
-def offload_devices(deployment: Deployment, run_dir: Path | None = None) -> list[DeviceSpec]:
-    """cpu (RAM the plan may use) and disk (free space) specs, as `placement.offload` allows."""
+def offload_devices(
+    deployment: Deployment, *, has_gpus: bool, run_dir: Path | None = None
+) -> list[DeviceSpec]:
+    """cpu (RAM the plan may use) and disk (free space) specs, as `placement.offload` allows.
+
+    Without GPUs the CPU runs the model, so it is always offered then.
+    """
     placement = deployment.placement
     wanted = {Offload.NONE: (), Offload.CPU: ("cpu",), Offload.DISK: ("cpu", "disk")}
     keys = list(wanted[placement.offload])
-    if deployment.gpus.mode is GpuMode.CPU and "cpu" not in keys:
+    if not has_gpus and "cpu" not in keys:
         keys.insert(0, "cpu")
     specs: list[DeviceSpec] = []
     for key in keys:
@@ -186,7 +191,7 @@ def plan_deployment(
         DeviceSpec(d.physical_id, d.physical_id, d.name, d.capacity_bytes)
         for d in assignment.devices
     ]
-    devices = (*gpu_specs, *offload_devices(deployment))
+    devices = (*gpu_specs, *offload_devices(deployment, has_gpus=bool(gpu_specs)))
     anatomy = build_anatomy(hf_config_for(deployment.model))
     if deployment.placement.strategy is Strategy.PLAN_FILE:
         plan = restore_plan(deployment, anatomy, devices)

@@ -7,7 +7,7 @@ from typing import Any
 
 from glmdeploy.plan import BudgetRow, Plan
 from glmdeploy.planning import PlannedDeployment, describe_source
-from glmdeploy.settings import GIB
+from glmdeploy.settings import GIB, GpuMode
 
 
 def gib(n: int) -> str:
@@ -84,6 +84,9 @@ def print_plan(planned: PlannedDeployment) -> None:
         f"{_count(planned.anatomy.n_params)} params, {describe_source(dep)})"
     )
     console.print(f"deployment: {dep.summary()} ({planned.dtype_reason})")
+    if not planned.assignment.devices and dep.gpus.mode is not GpuMode.CPU:
+        why = planned.snapshot.nvml_error or "NVML lists none"
+        console.print(f"GPUs: none visible ({why}); the CPU runs the model")
     console.print(plan_table(planned))
     plan = planned.plan
     if plan.hops:
