@@ -62,7 +62,9 @@ def test_saved_plan_round_trips_and_refuses_another_fleet(cli: Any, tmp_path: Pa
         f"placement.plan_file={saved}",
     )
     assert other.code == 2
-    assert "placement.plan_file (gpus): the saved plan was made for GPUs GPU 0 (24 GiB)" in other.err
+    assert (
+        "placement.plan_file (gpus): the saved plan was made for GPUs GPU 0 (24 GiB)" in other.err
+    )
 
 
 def test_seed_guide_map_is_rejected_with_native_names(cli: Any) -> None:
