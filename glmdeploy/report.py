@@ -258,7 +258,10 @@ def save_report_plot(rows: Sequence[Row], path: Path) -> None:
         if label.startswith("max GPU"):
             ax.axhline(100, color="black", linewidth=1, linestyle="--")
         ax.set_ylabel(label, fontsize=9)
-    axes[-1, 0].set_xticks(xs, [_tick(r) for r in rows], fontsize=7)
+    ticks = [_tick(r) for r in rows]
+    wide = max((len(line) for t in ticks for line in t.splitlines()), default=0) * len(rows) > 100
+    axes[-1, 0].set_xticks(xs, ticks, fontsize=7, rotation=30 if wide else 0,
+                           ha="right" if wide else "center")  # fmt: skip
     axes[0, 0].set_title(f"glmdeploy sweep: {len(rows)} job(s), {_counts(rows)}", fontsize=10)
     save_figure(fig, path)
 
