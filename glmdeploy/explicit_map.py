@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from glmdeploy.anatomy import Anatomy, Unit
-from glmdeploy.legacy_chatglm import module_name_hint
+from glmdeploy.chatglm_names import module_name_hint
 from glmdeploy.plan import DeviceKey, summarise
 from glmdeploy.problems import Problem, did_you_mean
 from glmdeploy.settings import MapEntry, Offload
@@ -45,7 +45,7 @@ def expand(pattern: str) -> list[str] | None:
 
 
 def legacy_hint(pattern: str) -> str | None:
-    """`glmdeploy.legacy_chatglm.module_name_hint` for a pattern, ranges kept as ranges."""
+    """`glmdeploy.chatglm_names.module_name_hint` for a pattern, ranges kept as ranges."""
     match = _RANGE.match(pattern)
     if not match:
         return module_name_hint(pattern)
