@@ -202,11 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug in glmdeploy: say so plainly, traceback only with --debug
         if args.debug:
             raise
-        print(
-            f"internal error: {type(exc).__name__}: {exc}\n  hint: rerun with --debug for the "
-            "traceback and report it with the output of `glmdeploy doctor`",
-            file=sys.stderr,
-        )
+        commands.report_internal_error(exc)
         return ExitCode.FAILURE
 
 

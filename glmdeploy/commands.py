@@ -30,6 +30,15 @@ def report_error(exc: GlmDeployError, args: Args) -> None:
     print(render_problems(exc.title, exc.problems), file=sys.stderr)
 
 
+def report_internal_error(exc: BaseException) -> None:
+    """A bug in glmdeploy: say so plainly; the traceback only with --debug."""
+    print(
+        f"internal error: {type(exc).__name__}: {exc}\n  hint: rerun with --debug for the "
+        "traceback and report it with the output of `glmdeploy doctor`",
+        file=sys.stderr,
+    )
+
+
 def cmd_validate(args: Args) -> int:
     from glmdeploy.deployment import load_deployments
 
