@@ -159,7 +159,8 @@ def _usage(command: str | None = None) -> str:
             "overrides: group=option (gpus=4x24gib), key=value (runtime.batch_size=4), "
             "+key=value, ~key\n"
             "options: --json  --debug (tracebacks)  -m/--multirun  --cfg job  --info\n"
-            "exit codes: 0 ok, 1 internal error, 2 config, 3 hardware, 4 load, 5 does not fit\n"
+            "exit codes: 0 ok, 1 internal error, 2 config, 3 hardware, 4 load, 5 does not fit, "
+            "6 replay differs, 130 interrupted\n"
             "`glmdeploy` with no command runs the main job (`glmdeploy run`)."
         )
     spec = COMMANDS[command]
