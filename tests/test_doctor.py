@@ -20,17 +20,13 @@ from glmdeploy.settings import (
     GIB,
     Architecture,
     Deployment,
-    Dtype,
     GpuMode,
     GpuSelection,
     ModelSource,
-    ModelSpec,
-    Placement,
-    Precision,
-    Runtime,
     SourceKind,
-    Strategy,
 )
+
+from builders import make_deployment
 
 CPU_BUILD = TorchCuda(installed=True, build=None, available=False, device_count=0)
 CUDA_BUILD_NO_GPU = TorchCuda(installed=True, build="12.4", available=False, device_count=0)
@@ -83,12 +79,9 @@ def snapshot(gpus: tuple[GpuInfo, ...] = (), error: str | None = None) -> Hardwa
 
 def deployment(gpus: GpuSelection) -> Deployment:
     arch = Architecture("glm", 64, 16, 32, 2, 2, 1, 8, 128)
-    return Deployment(
-        model=ModelSpec("tiny", ModelSource(SourceKind.EMBEDDED), arch),
-        gpus=gpus,
-        precision=Precision(Dtype.BF16),
-        placement=Placement(Strategy.AUTO),
-        runtime=Runtime(max_context_tokens=256),
+    source = ModelSource(SourceKind.EMBEDDED)
+    return make_deployment(
+        "auto", architecture=arch, source=source, gpus=gpus, max_context_tokens=256
     )
 
 

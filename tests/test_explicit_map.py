@@ -12,6 +12,8 @@ from glmdeploy.explicit_map import check_explicit_map, expand
 from glmdeploy.problems import ConfigError, render_problems
 from glmdeploy.settings import MapEntry, Offload
 
+from builders import make_deployment
+
 
 def glm(layers: int = 28, **overrides: Any) -> Anatomy:
     """A ChatGLM3-shaped native GLM (28 layers), tiny widths."""
@@ -176,24 +178,8 @@ def test_expand() -> None:
 def test_planner_raises_config_error_with_all_problems() -> None:
     from glmdeploy.plan import DeviceSpec
     from glmdeploy.planner import plan_placement
-    from glmdeploy.settings import (
-        Deployment,
-        Dtype,
-        GpuMode,
-        GpuSelection,
-        ModelSource,
-        ModelSpec,
-        Placement,
-        Precision,
-        Runtime,
-        SourceKind,
-        Strategy,
-    )
 
-    deployment = Deployment(
-        ModelSpec("x", ModelSource(SourceKind.NONE), None), GpuSelection(GpuMode.DECLARED),
-        Precision(Dtype.BF16), Placement(Strategy.EXPLICIT, map=SEED_GUIDE), Runtime(128),
-    )  # fmt: skip
+    deployment = make_deployment("explicit", name="x", map=SEED_GUIDE, max_context_tokens=128)
     devices = [DeviceSpec(2, 2, "A", 10**9), DeviceSpec(3, 3, "B", 10**9)]
     with pytest.raises(ConfigError) as caught:
         plan_placement(deployment, glm(), devices)

@@ -35,6 +35,8 @@ from glmdeploy.precision import resolve_precision, selected_gpus
 from glmdeploy.settings import *
 
 cache, case = Path(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, sys.argv[3])  # tests/, for the shared builders
+from builders import TINY_ARCH, make_deployment
 selection = GpuSelection(GpuMode.AUTO)
 assignment = select_gpus(selection, probe(), os.environ)
 apply_environment(assignment)  # before anything initialises CUDA
@@ -43,28 +45,23 @@ from transformers import AutoModelForCausalLM
 from glmdeploy.loader import load_model
 from glmdeploy.runner import bench, generate
 
-tiny = Architecture(model_type="glm", vocab_size=512, hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=16, max_position_embeddings=32768, attention_bias=True,
-                    partial_rotary_factor=0.5)
 first = assignment.devices[0].physical_id
 placement = {
-    "balanced": Placement(Strategy.BALANCED, reserve_gib=0.5),
-    "offload": Placement(Strategy.EXPLICIT, reserve_gib=0.5, offload=Offload.DISK, map=(
+    "balanced": dict(strategy=Strategy.BALANCED, reserve_gib=0.5),
+    "offload": dict(strategy=Strategy.EXPLICIT, reserve_gib=0.5, offload=Offload.DISK, map=(
         MapEntry(("model.embed_tokens", "model.rotary_emb", "model.layers.0"), first),
         MapEntry(("model.layers.1-2",), "cpu"),
         MapEntry(("model.layers.3", "model.norm", "lm_head"), "disk"))),
-}.get(case, Placement(Strategy.BALANCED))
+}.get(case, dict(strategy=Strategy.BALANCED))
 dtype = Dtype.FP32 if case != "bf16" else Dtype.AUTO
-dep = Deployment(ModelSpec("tiny", ModelSource(SourceKind.EMBEDDED, seed=0), tiny), selection,
-                 Precision(dtype), placement,
-                 Runtime(max_context_tokens=64, max_new_tokens=8))
+dep = make_deployment(architecture=TINY_ARCH, source=ModelSource(SourceKind.EMBEDDED, seed=0),
+                      gpus=selection, precision=dtype, max_new_tokens=8, **placement)
 precision = resolve_precision(dep.precision, selected_gpus(assignment), model_type="glm")
 dep = replace(dep, precision=replace(dep.precision, dtype=precision.dtype))  # plan what loads
 devices = [DeviceSpec(d.physical_id, d.physical_id, d.name, d.capacity_bytes)
            for d in assignment.devices]
 devices += [DeviceSpec("cpu", None, "cpu", 0), DeviceSpec("disk", None, "disk", 0)]
-plan = plan_placement(dep, build_anatomy(hf_config(tiny)), devices)
+plan = plan_placement(dep, build_anatomy(hf_config(TINY_ARCH)), devices)
 loaded = load_model(dep, plan, assignment, cache_root=cache, precision=precision)
 result = generate(loaded, dep.runtime)
 ids = torch.tensor([result.prompt_ids[0]])
@@ -84,7 +81,7 @@ print(json.dumps({
 
 def run_case(case: str, tmp_path: Path) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path), case],
+        [sys.executable, "-c", SCRIPT, str(tmp_path), case, str(Path(__file__).parent)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]

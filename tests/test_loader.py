@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +28,22 @@ from glmdeploy.planner import plan_placement
 from glmdeploy.problems import ConfigError, HardwareError, LoadError
 from glmdeploy.runner import generate
 from glmdeploy.settings import (
-    Architecture,
     CheckpointLayout,
     Deployment,
     Dtype,
     GpuMode,
-    GpuSelection,
     MapEntry,
     ModelSource,
-    ModelSpec,
     Offload,
     Placement,
-    Precision,
     Runtime,
     SourceKind,
     Strategy,
-)  # fmt: skip
+)
+
+from builders import TINY_ARCH, make_deployment
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "chatglm3-tiny"
-TINY = Architecture(
-    model_type="glm", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
-    attention_bias=True, partial_rotary_factor=0.5,
-)  # fmt: skip
 CPU_DISK: dict[str, DeviceKey] = {
     "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
     "model.layers.1": "cpu", "model.layers.2": "disk", "model.layers.3": "disk",
@@ -59,14 +53,11 @@ CPU = GpuAssignment(GpuMode.CPU, ())
 SPECS = [DeviceSpec("cpu", None, "cpu", 0), DeviceSpec("disk", None, "disk", 0)]
 
 
-def deployment(source: ModelSource, arch: Architecture | None = TINY) -> Deployment:
-    return Deployment(
-        model=ModelSpec("test", source, arch),
-        gpus=GpuSelection(GpuMode.CPU),
-        precision=Precision(Dtype.FP32),
-        placement=Placement(Strategy.EXPLICIT, offload=Offload.DISK),
-        runtime=Runtime(max_context_tokens=64, max_new_tokens=8),
-    )
+# Tiny GLM deployments on the CPU, fp32, explicit maps with disk offload.
+deployment = partial(
+    make_deployment, Strategy.EXPLICIT, architecture=TINY_ARCH, name="test", gpus=GpuMode.CPU,
+    precision=Dtype.FP32, offload=Offload.DISK, max_new_tokens=8,
+)  # fmt: skip
 
 
 def plan_for(dep: Deployment, hf: Any, device_map: dict[str, DeviceKey] | None = None) -> Plan:
@@ -97,17 +88,17 @@ def offloaded(cache: Path) -> LoadedModel:
 
 
 def test_materialize_is_cached_and_deterministic(cache: Path, tmp_path: Path) -> None:
-    first = materialize(TINY, 0, cache / "embedded")
+    first = materialize(TINY_ARCH, 0, cache / "embedded")
     assert (first / MARKER).is_file() and (first / "config.json").is_file()
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    assert materialize(TINY, 0, cache / "embedded") == first
+    assert materialize(TINY_ARCH, 0, cache / "embedded") == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
-    again = materialize(TINY, 0, tmp_path)  # elsewhere, from scratch: the same weights
+    again = materialize(TINY_ARCH, 0, tmp_path)  # elsewhere, from scratch: the same weights
     weights = load_file(first / "model.safetensors")
     assert all(
         torch.equal(t, load_file(again / "model.safetensors")[k]) for k, t in weights.items()
     )
-    other = materialize(TINY, 1, tmp_path)
+    other = materialize(TINY_ARCH, 1, tmp_path)
     assert other != again
     assert not torch.equal(load_file(other / "model.safetensors")["lm_head.weight"],
                            weights["lm_head.weight"])  # fmt: skip
@@ -115,10 +106,10 @@ def test_materialize_is_cached_and_deterministic(cache: Path, tmp_path: Path) ->
 
 
 def test_materialize_replaces_an_incomplete_directory(tmp_path: Path) -> None:
-    first = materialize(TINY, 3, tmp_path)
+    first = materialize(TINY_ARCH, 3, tmp_path)
     (first / MARKER).unlink()  # as if interrupted before the marker
     (first / "model.safetensors").write_bytes(b"partial")
-    again = materialize(TINY, 3, tmp_path)
+    again = materialize(TINY_ARCH, 3, tmp_path)
     assert again == first and (again / MARKER).is_file()
     assert load_file(again / "model.safetensors")
 
@@ -162,8 +153,8 @@ def test_offloaded_model_generates_like_a_plain_load(offloaded: LoadedModel) -> 
 
 
 def test_whole_cpu_plan_from_the_planner(cache: Path) -> None:
-    dep = deployment(ModelSource(SourceKind.EMBEDDED, seed=0))
-    plan = plan_for(dep, hf_config(TINY))
+    dep = deployment(source=ModelSource(SourceKind.EMBEDDED, seed=0))
+    plan = plan_for(dep, hf_config(TINY_ARCH))
     assert set(plan.device_map.values()) == {"cpu"}
     loaded = load_model(dep, plan, CPU, cache_root=cache)
     (row,) = loaded.device_bytes
@@ -186,8 +177,8 @@ def test_verification_lists_every_misplaced_module(offloaded: LoadedModel) -> No
 
 def test_a_one_device_plan_with_a_typo_is_caught(cache: Path) -> None:
     # transformers checks neither names nor coverage of a one-device map (DESIGN.md §5).
-    dep = deployment(ModelSource(SourceKind.EMBEDDED, seed=0))
-    good = plan_for(dep, hf_config(TINY))
+    dep = deployment(source=ModelSource(SourceKind.EMBEDDED, seed=0))
+    good = plan_for(dep, hf_config(TINY_ARCH))
     typo = {("model.layer.3" if k == "model.layers.3" else k): v for k, v in CPU_DISK.items()}
     plan = replace(good, device_map=dict.fromkeys(typo, "cpu"))
     with pytest.raises(LoadError) as err:
@@ -197,8 +188,8 @@ def test_a_one_device_plan_with_a_typo_is_caught(cache: Path) -> None:
 
 
 def test_plan_for_another_precision_is_refused(cache: Path) -> None:
-    dep = deployment(ModelSource(SourceKind.EMBEDDED, seed=0))
-    plan = plan_for(dep, hf_config(TINY))
+    dep = deployment(source=ModelSource(SourceKind.EMBEDDED, seed=0))
+    plan = plan_for(dep, hf_config(TINY_ARCH))
     plan = replace(plan, fingerprint=replace(plan.fingerprint, dtype="bf16"))
     with pytest.raises(ConfigError) as err:
         load_model(dep, plan, CPU, cache_root=cache)
@@ -206,8 +197,8 @@ def test_plan_for_another_precision_is_refused(cache: Path) -> None:
 
 
 def test_gpu_plans_need_cuda_and_real_gpus(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    dep = deployment(ModelSource(SourceKind.EMBEDDED, seed=0))
-    plan = plan_for(dep, hf_config(TINY))
+    dep = deployment(source=ModelSource(SourceKind.EMBEDDED, seed=0))
+    plan = plan_for(dep, hf_config(TINY_ARCH))
     plan = replace(plan, device_map=dict.fromkeys(plan.device_map, 3))
     gpu = AssignedGpu(3, 0, "Fake", "GPU-0", 8 << 30, 8 << 30, (8, 0))
     declared = GpuAssignment(GpuMode.DECLARED, (gpu,), source="declared")
@@ -227,7 +218,7 @@ needs_fixture = pytest.mark.skipif(
 
 def load_legacy(directory: Path, cache: Path, device_map: dict[str, DeviceKey] | None) -> Any:
     source = ModelSource(SourceKind.LOCAL, path=str(directory), layout=CheckpointLayout.CHATGLM)
-    dep = deployment(source, arch=None)
+    dep = deployment(source=source, architecture=None)
     native, _ = resolve_checkpoint(dep, cache, progress=False)
     plan = plan_for(dep, AutoConfig.from_pretrained(native), device_map)
     return load_model(dep, plan, CPU, cache_root=cache, progress=False)
@@ -276,13 +267,13 @@ def test_chatglm3_fixture_from_bin_shards(tmp_path: Path) -> None:
 @pytest.fixture
 def native_copy(cache: Path, tmp_path: Path) -> Path:
     target = tmp_path / "native"
-    shutil.copytree(materialize(TINY, 0, cache / "embedded"), target)
+    shutil.copytree(materialize(TINY_ARCH, 0, cache / "embedded"), target)
     return target
 
 
 def load_native(directory: Path, cache: Path) -> LoadedModel:
-    dep = deployment(ModelSource(SourceKind.LOCAL, path=str(directory)), arch=None)
-    return load_model(dep, plan_for(dep, hf_config(TINY)), CPU, cache_root=cache)
+    dep = deployment(source=ModelSource(SourceKind.LOCAL, path=str(directory)), architecture=None)
+    return load_model(dep, plan_for(dep, hf_config(TINY_ARCH)), CPU, cache_root=cache)
 
 
 def test_truncated_or_missing_weights_name_the_file(native_copy: Path, cache: Path) -> None:
@@ -316,9 +307,11 @@ def test_missing_tensors_and_mismatched_config(native_copy: Path, cache: Path) -
 
 def test_embedded_without_architecture_and_source_none() -> None:
     with pytest.raises(ConfigError, match="an embedded model needs one"):
-        resolve_checkpoint(deployment(ModelSource(SourceKind.EMBEDDED), arch=None), Path("/x"))
+        resolve_checkpoint(
+            deployment(source=ModelSource(SourceKind.EMBEDDED), architecture=None), Path("/x")
+        )
     with pytest.raises(ConfigError, match="nothing to load"):
-        resolve_checkpoint(deployment(ModelSource(SourceKind.NONE)), Path("/x"))
+        resolve_checkpoint(deployment(source=ModelSource(SourceKind.NONE)), Path("/x"))
     hub = ModelSource(SourceKind.HUB, hub_id="org/model", revision="main", trust_remote_code=True)
     with pytest.raises(ConfigError, match="pinned revision"):
-        resolve_checkpoint(deployment(hub), Path("/x"))
+        resolve_checkpoint(deployment(source=hub), Path("/x"))

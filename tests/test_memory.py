@@ -25,21 +25,17 @@ from glmdeploy.plan import DeviceSpec, device_map_for_transformers
 from glmdeploy.planner import plan_placement
 from glmdeploy.settings import (
     GIB,
-    Deployment,
     Dtype,
-    GpuMode,
-    GpuSelection,
     MapEntry,
-    ModelSource,
-    ModelSpec,
     Offload,
     Placement,
     Precision,
     Quantization,
     Runtime,
-    SourceKind,
     Strategy,
 )
+
+from builders import make_deployment
 
 GLM = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
            num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True,
@@ -136,11 +132,7 @@ def test_predicted_bytes_equal_what_transformers_loads(
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ckpt")
     devices = [DeviceSpec("cpu", None, "RAM", 10**9), DeviceSpec("disk", None, "SSD", 10**9)]
     strategy = Strategy.EXPLICIT if entries else Strategy.BALANCED
-    deployment = Deployment(
-        ModelSpec("tiny", ModelSource(SourceKind.NONE), None), GpuSelection(GpuMode.DECLARED),
-        Precision(Dtype.BF16), Placement(strategy, offload=Offload.DISK, map=entries),
-        Runtime(max_context_tokens=16),
-    )  # fmt: skip
+    deployment = make_deployment(strategy, offload=Offload.DISK, map=entries, max_context_tokens=16)
     plan = plan_placement(deployment, build_anatomy(cfg), devices)
     model = AutoModelForCausalLM.from_pretrained(
         tmp_path / "ckpt", device_map=device_map_for_transformers(plan),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import pytest
@@ -29,21 +30,19 @@ from glmdeploy.planner import (
 from glmdeploy.problems import ConfigError
 from glmdeploy.settings import (
     GIB,
-    Deployment,
     Dtype,
     GpuMode,
     GpuSelection,
     MapEntry,
-    ModelSource,
-    ModelSpec,
     Offload,
     Placement,
     Precision,
     Quantization,
     Runtime,
-    SourceKind,
     Strategy,
 )
+
+from builders import make_deployment
 
 
 def unit(name: str, kind: str, size: int, numel: bool, layer: int | None = None) -> Unit:
@@ -86,19 +85,10 @@ def gpus(*sizes: int, ids: Sequence[int] | None = None) -> list[DeviceSpec]:
     return [DeviceSpec(k, k, f"GPU{k}", s) for k, s in zip(keys, sizes, strict=True)]
 
 
-def deployment(
-    strategy: str = "balanced", *, reserve: float = 0.0, offload: Offload = Offload.NONE,
-    context: int = 1, frac: float = 0.3, entries: tuple[MapEntry, ...] = (),
-    precision: Precision | None = None, caps: dict[int, float] | None = None,
-) -> Deployment:  # fmt: skip
-    return Deployment(
-        model=ModelSpec("test", ModelSource(SourceKind.NONE), None),
-        gpus=GpuSelection(GpuMode.DECLARED, max_memory_gib=caps or {}),
-        precision=precision or Precision(Dtype.BF16),
-        placement=Placement(Strategy(strategy), reserve_gib=reserve, gpu0_free_fraction=frac,
-                            offload=offload, map=entries),
-        runtime=Runtime(max_context_tokens=context, max_new_tokens=0),
-    )  # fmt: skip
+# Planner cases: no reserve, one token of context and nothing generated unless a test says so.
+deployment = partial(
+    make_deployment, name="test", reserve_gib=0.0, max_context_tokens=1, max_new_tokens=0
+)
 
 
 def layout(plan: Plan) -> dict[Any, str]:
@@ -132,7 +122,9 @@ def test_exact_maps_for_invented_budgets(
 ) -> None:
     anatomy = synthetic([100] * layers)
     devices = gpus(*fleet.values(), ids=list(fleet))
-    plan = plan_placement(deployment(strategy, frac=0.5), anatomy, devices, weights_only=True)
+    plan = plan_placement(
+        deployment(strategy, gpu0_free_fraction=0.5), anatomy, devices, weights_only=True
+    )
     assert layout(plan) == expected
     assert list(plan.device_map) == list(anatomy.names)
     assert plan.fits
@@ -157,7 +149,9 @@ def test_auto_uses_the_fewest_gpus_under_the_target() -> None:
 
 def test_kv_workspace_and_reserve_are_counted_per_device() -> None:
     anatomy = synthetic([100] * 4, kv_heads=3, vocab=5)
-    plan = plan_placement(deployment(context=10, reserve=1e-7), anatomy, gpus(5000, 5000, 5000))
+    plan = plan_placement(
+        deployment(max_context_tokens=10, reserve_gib=1e-7), anatomy, gpus(5000, 5000, 5000)
+    )
     mm = memory_model(anatomy, Precision(Dtype.BF16), Runtime(10, max_new_tokens=0), Placement(
         Strategy.BALANCED, reserve_gib=1e-7))  # fmt: skip
     kv_layer = 1 * 10 * 3 * 1 * 2 * 2
@@ -180,7 +174,10 @@ def test_kv_workspace_and_reserve_are_counted_per_device() -> None:
 def test_user_caps_lower_capacity() -> None:
     anatomy = synthetic([100] * 4)
     plan = plan_placement(
-        deployment(caps={0: 250 / GIB}), anatomy, gpus(1000, 1000), weights_only=True
+        deployment(gpus=GpuSelection(GpuMode.DECLARED, max_memory_gib={0: 250 / GIB})),
+        anatomy,
+        gpus(1000, 1000),
+        weights_only=True,
     )
     assert plan.rows[0].capacity_bytes == 250
     assert layout(plan) == {0: E, 1: f"{L}.0-3, {N}, {H}"}  # 100/250 and 510/1000
@@ -231,7 +228,7 @@ def test_balanced_plans_are_optimal(
     blocks: list[int], sizes: list[int], tied: bool, context: int
 ) -> None:
     anatomy = synthetic(blocks, embed=150, head=120, tied=tied, kv_heads=2, vocab=3)
-    plan = try_plan(deployment(context=context), anatomy, gpus(*sizes))
+    plan = try_plan(deployment(max_context_tokens=context), anatomy, gpus(*sizes))
     mm = memory_model(anatomy, Precision(Dtype.BF16), Runtime(context, max_new_tokens=0),
                       Placement(Strategy.BALANCED, reserve_gib=0))  # fmt: skip
     names = [n for n in anatomy.names if not (tied and n == H)]
@@ -244,7 +241,7 @@ def test_balanced_plans_are_optimal(
 def test_does_not_fit_gives_the_shortfall_and_fixes_in_numbers() -> None:
     anatomy = synthetic([GIB // 2] * 8, embed=GIB // 2, head=GIB // 2, norm=1, numel=True)  # 10 GiB
     with pytest.raises(PlanDoesNotFit) as caught:
-        plan_placement(deployment(context=1), anatomy, gpus(4 * GIB, 4 * GIB))
+        plan_placement(deployment(max_context_tokens=1), anatomy, gpus(4 * GIB, 4 * GIB))
     by_path = {p.path: p for p in caught.value.problems}
     assert by_path["placement"].message.startswith("short by")
     assert "8.0 GiB usable" in by_path["placement"].message
@@ -261,11 +258,11 @@ def test_does_not_fit_gives_the_shortfall_and_fixes_in_numbers() -> None:
 def test_shorter_context_is_suggested_when_the_kv_cache_is_the_problem() -> None:
     anatomy = synthetic([100] * 4, kv_heads=50)  # 200 bytes of KV per layer per token
     with pytest.raises(PlanDoesNotFit) as caught:
-        plan_placement(deployment(context=10), anatomy, gpus(2000, 2000))
+        plan_placement(deployment(max_context_tokens=10), anatomy, gpus(2000, 2000))
     fix = next(p for p in caught.value.problems if p.path == "runtime.max_context_tokens")
     assert fix.message.startswith("fits with at most 4 tokens")
-    assert plan_placement(deployment(context=4), anatomy, gpus(2000, 2000)).fits
-    assert not try_plan(deployment(context=5), anatomy, gpus(2000, 2000)).fits
+    assert plan_placement(deployment(max_context_tokens=4), anatomy, gpus(2000, 2000)).fits
+    assert not try_plan(deployment(max_context_tokens=5), anatomy, gpus(2000, 2000)).fits
 
 
 def test_offload_moves_the_tail_to_cpu_then_disk_with_its_cost() -> None:
@@ -283,14 +280,14 @@ def test_explicit_maps_are_checked_then_budgeted() -> None:
     anatomy = synthetic([100] * 4)
     entries = (MapEntry((E, f"{L}.0-2"), 7), MapEntry((f"{L}.3", N, H), 9))
     plan = plan_placement(
-        deployment("explicit", entries=entries),
+        deployment("explicit", map=entries),
         anatomy,
         gpus(500, 500, ids=[7, 9]),
         weights_only=True,
     )
     assert layout(plan) == {7: f"{E}, {L}.0-2", 9: f"{L}.3, {N}, {H}"}
     with pytest.raises(ConfigError) as caught:
-        plan_placement(deployment("explicit", entries=entries), anatomy, gpus(500, 500))
+        plan_placement(deployment("explicit", map=entries), anatomy, gpus(500, 500))
     assert {p.path for p in caught.value.problems} == {
         "placement.map[0].device",
         "placement.map[1].device",
@@ -327,7 +324,7 @@ def test_plans_round_trip_and_refuse_another_fingerprint() -> None:
     assert plan.fingerprint.mismatches(again.fingerprint) == []
     current = current_fingerprint(deployment(), anatomy, gpus(1000, 1000))
     assert current == plan.fingerprint
-    other = plan_placement(deployment(precision=Precision(Dtype.FP16)), anatomy, gpus(1000, 900))
+    other = plan_placement(deployment(precision=Dtype.FP16), anatomy, gpus(1000, 900))
     paths = {p.path for p in plan.fingerprint.mismatches(other.fingerprint)}
     assert paths == {"precision.dtype", "runtime.kv_cache_dtype", "gpus"}
 
@@ -355,7 +352,7 @@ def test_planning_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     )  # fmt: skip
     anatomy = build_anatomy(cfg)
     for strategy in ("balanced", "auto", "balanced_low_0", "sequential"):
-        plan = plan_placement(deployment(strategy, context=64), anatomy, gpus(GIB, GIB))
+        plan = plan_placement(deployment(strategy, max_context_tokens=64), anatomy, gpus(GIB, GIB))
         assert plan.fits
     assert not torch.cuda.is_initialized()
 
@@ -370,7 +367,9 @@ def test_planner_modules_do_not_import_torch() -> None:
 
 def test_no_gpu_runs_on_the_cpu() -> None:
     anatomy = synthetic([100] * 2)
-    plan = plan_placement(deployment(context=4), anatomy, [DeviceSpec("cpu", None, "RAM", 10**6)])
+    plan = plan_placement(
+        deployment(max_context_tokens=4), anatomy, [DeviceSpec("cpu", None, "RAM", 10**6)]
+    )
     assert set(plan.device_map.values()) == {"cpu"} and plan.rows[0].kv_bytes > 0
 
 

@@ -17,39 +17,20 @@ from glmdeploy.materialize import hf_config, materialize
 from glmdeploy.planner import plan_placement
 from glmdeploy.problems import ConfigError
 from glmdeploy.runner import bench, generate, prompt_ids
-from glmdeploy.settings import (
-    Architecture,
-    Deployment,
-    Dtype,
-    GpuMode,
-    GpuSelection,
-    ModelSource,
-    ModelSpec,
-    Placement,
-    Precision,
-    Runtime,
-    SourceKind,
-    Strategy,
-)  # fmt: skip
+from glmdeploy.settings import Dtype, GpuMode, ModelSource, Runtime, SourceKind, Strategy
 
-TINY = Architecture(
-    model_type="glm", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
-    attention_bias=True, partial_rotary_factor=0.5,
-)  # fmt: skip
+from builders import TINY_ARCH, make_deployment
+
 RUNTIME = Runtime(max_context_tokens=64, max_new_tokens=6, prompt="The capital of France is")
 WORDS = ["[UNK]", "The", "capital", "of", "France", "is"]
 
 
 def load(source: ModelSource, cache: Path) -> LoadedModel:
-    dep = Deployment(
-        ModelSpec("tiny", source, TINY),
-        GpuSelection(GpuMode.CPU),
-        Precision(Dtype.AUTO),  # fp32 on the CPU
-        Placement(Strategy.AUTO),
-        RUNTIME,
-    )
-    plan = plan_placement(dep, build_anatomy(hf_config(TINY)), [])
+    dep = make_deployment(  # dtype auto: fp32 on the CPU
+        Strategy.AUTO, architecture=TINY_ARCH, source=source, gpus=GpuMode.CPU,
+        precision=Dtype.AUTO, runtime=RUNTIME,
+    )  # fmt: skip
+    plan = plan_placement(dep, build_anatomy(hf_config(TINY_ARCH)), [])
     return load_model(dep, plan, GpuAssignment(GpuMode.CPU, ()), cache_root=cache)
 
 
@@ -67,7 +48,7 @@ def loaded(cache: Path) -> LoadedModel:
 def with_tokenizer(cache: Path) -> LoadedModel:
     """The same weights beside a word-level tokenizer, loaded as a local checkpoint."""
     directory = cache / "with-tokenizer"
-    shutil.copytree(materialize(TINY, 0, cache / "embedded"), directory)
+    shutil.copytree(materialize(TINY_ARCH, 0, cache / "embedded"), directory)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(directory)
