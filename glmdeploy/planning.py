@@ -20,7 +20,7 @@ from glmdeploy.anatomy import Anatomy, build_anatomy
 from glmdeploy.gpu_select import GpuAssignment, select_gpus
 from glmdeploy.hardware import HardwareSnapshot, declared_snapshot, probe
 from glmdeploy.plan import DeviceSpec, Plan
-from glmdeploy.planner import PlanDoesNotFit, plan_placement, try_plan
+from glmdeploy.planner import PlanDoesNotFit, current_fingerprint, plan_placement
 from glmdeploy.precision import resolve_dtype, selected_gpus
 from glmdeploy.problems import ConfigError, DoesNotFitError, LoadError, Problem
 from glmdeploy.settings import (
@@ -221,10 +221,7 @@ def restore_plan(deployment: Deployment, anatomy: Anatomy, devices: tuple[Device
                 )
             ]
         ) from exc
-    # The fingerprint of this run: plan it afresh (cheap) with any computing strategy.
-    placement = dataclasses.replace(deployment.placement, strategy=Strategy.BALANCED)
-    current = try_plan(dataclasses.replace(deployment, placement=placement), anatomy, devices)
-    problems = saved.fingerprint.mismatches(current.fingerprint)
+    problems = saved.fingerprint.mismatches(current_fingerprint(deployment, anatomy, devices))
     if problems:
         raise ConfigError(
             [dataclasses.replace(p, path=f"placement.plan_file ({p.path})") for p in problems],

@@ -44,11 +44,3 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
         else:
             axes.append([override.input_line or ""])
     return [list(job) for job in itertools.product(*axes)]
-
-
-def swept_keys(overrides: Sequence[str]) -> list[str]:
-    """The keys or groups that a sweep varies, for table columns."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    return [o.key_or_group for o in parsed if o.is_sweep_override()]
