@@ -25,13 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from glmdeploy.anatomy import build_anatomy
-from glmdeploy.gpu_select import GpuAssignment
-from glmdeploy.loader import LoadedModel, load_model
-from glmdeploy.materialize import hf_config, materialize
-from glmdeploy.plan import DeviceSpec, Plan, device_map_for_transformers
-from glmdeploy.planner import plan_placement
-from glmdeploy.settings import (
+from glmdeploy.config.settings import (
     Architecture,
     Deployment,
     Dtype,
@@ -47,6 +41,12 @@ from glmdeploy.settings import (
     SourceKind,
     Strategy,
 )  # fmt: skip
+from glmdeploy.hardware.gpu_select import GpuAssignment
+from glmdeploy.loading.embedded import hf_config, materialize
+from glmdeploy.loading.loader import LoadedModel, load_model
+from glmdeploy.model.anatomy import build_anatomy
+from glmdeploy.planning.strategies import plan_placement
+from glmdeploy.planning.types import DeviceSpec, Plan, device_map_for_transformers
 
 SIZES = {
     "50m": Architecture(model_type="glm", vocab_size=32000, hidden_size=512,

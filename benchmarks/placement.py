@@ -17,12 +17,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from glmdeploy.anatomy import Anatomy, build_anatomy
-from glmdeploy.hf_device_map import transformers_device_map, unit_assignment
-from glmdeploy.plan import DeviceKey, DeviceSpec
-from glmdeploy.plan_budget import hops
-from glmdeploy.planner import PlanDoesNotFit, plan_placement
-from glmdeploy.settings import (
+from glmdeploy.config.settings import (
     GIB,
     Deployment,
     Dtype,
@@ -36,7 +31,12 @@ from glmdeploy.settings import (
     SourceKind,
     Strategy,
 )
-from glmdeploy.skeleton import meta_model
+from glmdeploy.model.anatomy import Anatomy, build_anatomy
+from glmdeploy.model.skeleton import meta_model
+from glmdeploy.planning.budget import hops
+from glmdeploy.planning.strategies import PlanDoesNotFit, plan_placement
+from glmdeploy.planning.transformers_map import transformers_device_map, unit_assignment
+from glmdeploy.planning.types import DeviceKey, DeviceSpec
 
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     # glm-4-9b-chat-hf is transformers' GlmForCausalLM (model_type glm), like conf/model/

@@ -2,6 +2,6 @@
 
 import sys
 
-from glmdeploy.cli import main
+from glmdeploy.cli.main import main
 
 sys.exit(main())

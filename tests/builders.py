@@ -7,7 +7,7 @@ before choosing the GPUs CUDA may see.
 
 from __future__ import annotations
 
-from glmdeploy.settings import (
+from glmdeploy.config.settings import (
     Architecture,
     Deployment,
     Dtype,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from glmdeploy.cli import main
+from glmdeploy.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from glmdeploy.compose import CONF_DIR, compose_dict
+from glmdeploy.config.compose import CONF_DIR, compose_dict
 from glmdeploy.problems import ConfigError
 
 MAP_OK = "{modules:[model.embed_tokens,model.layers.0-1],device:0}"
@@ -222,7 +222,7 @@ def test_broken_yaml_in_a_config_file(tmp_path: Path) -> None:
 
 
 def test_debug_shows_the_traceback() -> None:
-    from glmdeploy.cli import main
+    from glmdeploy.cli.main import main
 
     with pytest.raises(ConfigError):
         main(["validate", "--debug", "gpus=4x24"])

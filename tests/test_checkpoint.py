@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from glmdeploy.checkpoint import (
+from glmdeploy.loading.checkpoint import (
     WeightFormat,
     find_weight_files,
     fingerprint,

@@ -119,7 +119,7 @@ def test_sweep_dry_run_lists_jobs_and_invalid_sweep_launches_nothing(cli: Any) -
 
 def test_planning_never_initialises_cuda() -> None:
     code = (
-        "import torch; from glmdeploy.cli import main; "
+        "import torch; from glmdeploy.cli.main import main; "
         "rc = main(['plan', 'profile=glm-4-9b-4x24gib']); "
         "print(rc, torch.cuda.is_initialized())"
     )

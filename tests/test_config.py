@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from glmdeploy import settings
-from glmdeploy.compose import CONF_DIR, SCHEMA_PATH, compose_dict, group_options
-from glmdeploy.deployment import load_deployment, load_deployments
+from glmdeploy.config import settings
+from glmdeploy.config.compose import CONF_DIR, SCHEMA_PATH, compose_dict, group_options
+from glmdeploy.config.deployments import load_deployment, load_deployments
+from glmdeploy.config.settings import GpuMode, Strategy
 from glmdeploy.problems import ConfigError
-from glmdeploy.settings import GpuMode, Strategy
 
 # Options with a mandatory value (`???`) get one here so that they compose to something valid.
 REQUIRED = {
@@ -179,7 +179,7 @@ def test_show_and_cfg_job_print_the_same_config(cli: typing.Any) -> None:
 
 def test_validate_never_imports_torch() -> None:
     code = (
-        "import sys; from glmdeploy.cli import main; "
+        "import sys; from glmdeploy.cli.main import main; "
         "rc = main(['validate', 'profile=glm-4-9b-4x24gib']); "
         "heavy = [m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules]; "
         "print(rc, heavy)"

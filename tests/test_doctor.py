@@ -8,15 +8,7 @@ import os
 
 import pytest
 
-from glmdeploy.doctor import (
-    TorchCuda,
-    collect_report,
-    describe_cuda,
-    diagnose,
-    render_report,
-)
-from glmdeploy.hardware import GpuInfo, GpuProcess, HardwareSnapshot, NvmlError
-from glmdeploy.settings import (
+from glmdeploy.config.settings import (
     GIB,
     Architecture,
     Deployment,
@@ -25,6 +17,14 @@ from glmdeploy.settings import (
     ModelSource,
     SourceKind,
 )
+from glmdeploy.hardware.doctor import (
+    TorchCuda,
+    collect_report,
+    describe_cuda,
+    diagnose,
+    render_report,
+)
+from glmdeploy.hardware.nvml import GpuInfo, GpuProcess, HardwareSnapshot, NvmlError
 
 from builders import make_deployment
 

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 from transformers import AutoConfig
 
-from glmdeploy.anatomy import Anatomy, build_anatomy
-from glmdeploy.explicit_map import check_explicit_map, expand
+from glmdeploy.config.settings import MapEntry, Offload
+from glmdeploy.model.anatomy import Anatomy, build_anatomy
+from glmdeploy.planning.explicit_map import check_explicit_map, expand
 from glmdeploy.problems import ConfigError, render_problems
-from glmdeploy.settings import MapEntry, Offload
 
 from builders import make_deployment
 
@@ -176,8 +176,8 @@ def test_expand() -> None:
 
 
 def test_planner_raises_config_error_with_all_problems() -> None:
-    from glmdeploy.plan import DeviceSpec
-    from glmdeploy.planner import plan_placement
+    from glmdeploy.planning.strategies import plan_placement
+    from glmdeploy.planning.types import DeviceSpec
 
     deployment = make_deployment("explicit", name="x", map=SEED_GUIDE, max_context_tokens=128)
     devices = [DeviceSpec(2, 2, "A", 10**9), DeviceSpec(3, 3, "B", 10**9)]

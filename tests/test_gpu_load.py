@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from glmdeploy.hardware import probe  # NVML only: collecting this file never initialises CUDA
+from glmdeploy.hardware.nvml import probe  # NVML only: collecting this file never initialises CUDA
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,14 +25,14 @@ SCRIPT = r"""
 import json, os, sys
 from dataclasses import replace
 from pathlib import Path
-from glmdeploy.anatomy import build_anatomy
-from glmdeploy.gpu_select import apply_environment, select_gpus
-from glmdeploy.hardware import probe
-from glmdeploy.materialize import hf_config
-from glmdeploy.plan import DeviceSpec
-from glmdeploy.planner import plan_placement
-from glmdeploy.precision import resolve_precision, selected_gpus
-from glmdeploy.settings import *
+from glmdeploy.model.anatomy import build_anatomy
+from glmdeploy.hardware.gpu_select import apply_environment, select_gpus
+from glmdeploy.hardware.nvml import probe
+from glmdeploy.loading.embedded import hf_config
+from glmdeploy.planning.types import DeviceSpec
+from glmdeploy.planning.strategies import plan_placement
+from glmdeploy.hardware.precision import resolve_precision, selected_gpus
+from glmdeploy.config.settings import *
 
 cache, case = Path(sys.argv[1]), sys.argv[2]
 sys.path.insert(0, sys.argv[3])  # tests/, for the shared builders
@@ -42,8 +42,8 @@ assignment = select_gpus(selection, probe(), os.environ)
 apply_environment(assignment)  # before anything initialises CUDA
 import torch
 from transformers import AutoModelForCausalLM
-from glmdeploy.loader import load_model
-from glmdeploy.runner import bench, generate
+from glmdeploy.loading.loader import load_model
+from glmdeploy.inference.runner import bench, generate
 
 first = assignment.devices[0].physical_id
 placement = {

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 
 import pytest
 
-from glmdeploy.gpu_select import (
+from glmdeploy.config.settings import GIB, DeclaredGpu, GpuMode, GpuSelection
+from glmdeploy.hardware.gpu_select import (
     AssignedGpu,
     GpuAssignment,
     apply_environment,
@@ -15,9 +16,8 @@ from glmdeploy.gpu_select import (
     to_logical,
     to_physical,
 )
-from glmdeploy.hardware import GpuInfo, HardwareSnapshot, declared_snapshot
+from glmdeploy.hardware.nvml import GpuInfo, HardwareSnapshot, declared_snapshot
 from glmdeploy.problems import ConfigError, HardwareError, Problem
-from glmdeploy.settings import GIB, DeclaredGpu, GpuMode, GpuSelection
 
 UUIDS = (
     "GPU-5d1e0a0a-1111-2222-3333-444455556666",

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from glmdeploy.hardware import (
+from glmdeploy.config.settings import GIB, DeclaredGpu
+from glmdeploy.hardware.nvml import (
     GpuInfo,
     GpuProcess,
     HardwareSnapshot,
@@ -20,7 +21,6 @@ from glmdeploy.hardware import (
     declared_snapshot,
     probe,
 )
-from glmdeploy.settings import GIB, DeclaredGpu
 
 
 @dataclass
@@ -208,9 +208,9 @@ def test_real_probe_is_truthful_on_this_machine() -> None:
 def test_probing_imports_no_torch_and_finds_cuda_uninitialised() -> None:
     code = (
         "import sys\n"
-        "from glmdeploy import gpu_select, hardware\n"
-        "hardware.probe()\n"
-        "assert hardware.cuda_devices_in_use() is None\n"
+        "from glmdeploy.hardware import gpu_select, nvml\n"
+        "nvml.probe()\n"
+        "assert nvml.cuda_devices_in_use() is None\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -224,8 +224,8 @@ def test_nvml_ids_are_cuda_ids_under_pci_bus_order() -> None:
     # A fresh process: this one may have initialised CUDA under another environment.
     code = (
         "import torch\n"
-        "from glmdeploy.gpu_select import _uuid_key\n"
-        "from glmdeploy.hardware import cuda_devices_in_use, probe\n"
+        "from glmdeploy.hardware.gpu_select import _uuid_key\n"
+        "from glmdeploy.hardware.nvml import cuda_devices_in_use, probe\n"
         "snap = probe()\n"
         "assert snap.source == 'nvml', snap.nvml_error\n"
         "assert cuda_devices_in_use() is None\n"

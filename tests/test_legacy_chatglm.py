@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from glmdeploy.chatglm_names import (
+from glmdeploy.loading.convert import MARKER, convert_checkpoint, ensure_native
+from glmdeploy.model.chatglm_names import (
     legacy_module_to_native,
     module_name_hint,
     native_module_to_legacy,
 )
-from glmdeploy.convert import MARKER, convert_checkpoint, ensure_native
-from glmdeploy.legacy_chatglm import (
+from glmdeploy.model.legacy_chatglm import (
     check_tensors,
     convert_state_dict,
     is_legacy_chatglm,
@@ -112,7 +112,7 @@ def test_hints_for_names_of_other_generations() -> None:
 
 def test_name_functions_do_not_import_torch() -> None:
     code = (
-        "import sys, glmdeploy.chatglm_names, glmdeploy.legacy_chatglm; "
+        "import sys, glmdeploy.model.chatglm_names, glmdeploy.model.legacy_chatglm; "
         "print('torch' in sys.modules)"
     )
     result = subprocess.run(

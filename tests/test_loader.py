@@ -17,17 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from glmdeploy.anatomy import build_anatomy
-from glmdeploy.deployment import load_deployment
-from glmdeploy.gpu_select import AssignedGpu, GpuAssignment
-from glmdeploy.loader import LoadedModel, load_model, resolve_checkpoint
-from glmdeploy.materialize import CACHE_ENV, MARKER, cache_root, hf_config, materialize
-from glmdeploy.placement_check import verify_placement
-from glmdeploy.plan import DeviceKey, DeviceSpec, Plan
-from glmdeploy.planner import plan_placement
-from glmdeploy.problems import ConfigError, HardwareError, LoadError
-from glmdeploy.runner import generate
-from glmdeploy.settings import (
+from glmdeploy.config.deployments import load_deployment
+from glmdeploy.config.settings import (
     CheckpointLayout,
     Deployment,
     Dtype,
@@ -40,6 +31,15 @@ from glmdeploy.settings import (
     SourceKind,
     Strategy,
 )
+from glmdeploy.hardware.gpu_select import AssignedGpu, GpuAssignment
+from glmdeploy.inference.runner import generate
+from glmdeploy.loading.embedded import CACHE_ENV, MARKER, cache_root, hf_config, materialize
+from glmdeploy.loading.loader import LoadedModel, load_model, resolve_checkpoint
+from glmdeploy.loading.verify import verify_placement
+from glmdeploy.model.anatomy import build_anatomy
+from glmdeploy.planning.strategies import plan_placement
+from glmdeploy.planning.types import DeviceKey, DeviceSpec, Plan
+from glmdeploy.problems import ConfigError, HardwareError, LoadError
 
 from builders import TINY_ARCH, make_deployment
 

@@ -9,21 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from glmdeploy.anatomy import Anatomy, build_anatomy
-from glmdeploy.memory import (
-    activation_bytes,
-    budget_bytes,
-    kv_bytes_per_layer,
-    kv_cache_bytes,
-    logits_bytes,
-    memory_model,
-    prefill_tokens,
-    reserve_bytes,
-    resolve_dtype,
-)
-from glmdeploy.plan import DeviceSpec, device_map_for_transformers
-from glmdeploy.planner import plan_placement
-from glmdeploy.settings import (
+from glmdeploy.config.settings import (
     GIB,
     Dtype,
     MapEntry,
@@ -34,6 +20,20 @@ from glmdeploy.settings import (
     Runtime,
     Strategy,
 )
+from glmdeploy.model.anatomy import Anatomy, build_anatomy
+from glmdeploy.planning.memory import (
+    activation_bytes,
+    budget_bytes,
+    kv_bytes_per_layer,
+    kv_cache_bytes,
+    logits_bytes,
+    memory_model,
+    prefill_tokens,
+    reserve_bytes,
+    resolve_dtype,
+)
+from glmdeploy.planning.strategies import plan_placement
+from glmdeploy.planning.types import DeviceSpec, device_map_for_transformers
 
 from builders import make_deployment
 

@@ -16,19 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glmdeploy.anatomy import Anatomy, Tally, TiedGroup, Unit
-from glmdeploy.memory import memory_model
-from glmdeploy.partition import min_max_split
-from glmdeploy.plan import DeviceSpec, Plan, device_map_for_transformers, summarise
-from glmdeploy.planner import (
-    AUTO_TARGET,
-    PlanDoesNotFit,
-    current_fingerprint,
-    plan_placement,
-    try_plan,
-)
-from glmdeploy.problems import ConfigError
-from glmdeploy.settings import (
+from glmdeploy.config.settings import (
     GIB,
     Dtype,
     GpuMode,
@@ -41,6 +29,18 @@ from glmdeploy.settings import (
     Runtime,
     Strategy,
 )
+from glmdeploy.model.anatomy import Anatomy, Tally, TiedGroup, Unit
+from glmdeploy.planning.memory import memory_model
+from glmdeploy.planning.partition import min_max_split
+from glmdeploy.planning.strategies import (
+    AUTO_TARGET,
+    PlanDoesNotFit,
+    current_fingerprint,
+    plan_placement,
+    try_plan,
+)
+from glmdeploy.planning.types import DeviceSpec, Plan, device_map_for_transformers, summarise
+from glmdeploy.problems import ConfigError
 
 from builders import make_deployment
 
@@ -297,9 +297,9 @@ def test_explicit_maps_are_checked_then_budgeted() -> None:
 def test_transformers_strategy_reproduces_transformers_map() -> None:
     from transformers import AutoConfig
 
-    from glmdeploy.anatomy import build_anatomy
-    from glmdeploy.hf_device_map import transformers_device_map
-    from glmdeploy.skeleton import meta_model
+    from glmdeploy.model.anatomy import build_anatomy
+    from glmdeploy.model.skeleton import meta_model
+    from glmdeploy.planning.transformers_map import transformers_device_map
 
     cfg = AutoConfig.for_model(
         "glm", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -338,7 +338,7 @@ def test_planning_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
     from transformers import AutoConfig
 
-    from glmdeploy.anatomy import build_anatomy
+    from glmdeploy.model.anatomy import build_anatomy
 
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("CUDA was called while planning")
@@ -359,7 +359,8 @@ def test_planning_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_planner_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, glmdeploy.planner, glmdeploy.explicit_map, glmdeploy.memory, glmdeploy.plan; "
+        "import sys, glmdeploy.planning.strategies, glmdeploy.planning.explicit_map, "
+        "glmdeploy.planning.memory, glmdeploy.planning.types; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmdeploy.gpu_select import AssignedGpu, GpuAssignment
-from glmdeploy.precision import (
+from glmdeploy.config.settings import Dtype, GpuMode, Precision, Quantization
+from glmdeploy.hardware.gpu_select import AssignedGpu, GpuAssignment
+from glmdeploy.hardware.precision import (
     GpuCapability,
     model_warnings,
     resolve_dtype,
@@ -15,7 +16,6 @@ from glmdeploy.precision import (
     torch_dtype,
 )
 from glmdeploy.problems import HardwareError, LoadError, render_problems
-from glmdeploy.settings import Dtype, GpuMode, Precision, Quantization
 
 A100 = GpuCapability(0, "NVIDIA A100-SXM4-80GB", (8, 0))
 H100 = GpuCapability(1, "NVIDIA H100 80GB HBM3", (9, 0))

@@ -12,13 +12,18 @@ from typing import Any
 import pytest
 import yaml
 
-from glmdeploy.deployment import load_deployment
-from glmdeploy.hardware import NvmlError
-from glmdeploy.plan import Plan
-from glmdeploy.plan_picture import save_plan_picture
-from glmdeploy.planning import DeploymentDoesNotFit, PlannedDeployment, plan_deployment
+from glmdeploy.config.deployments import load_deployment
+from glmdeploy.config.settings import GIB, ModelSource, ModelSpec, SourceKind
+from glmdeploy.hardware.nvml import NvmlError
+from glmdeploy.planning.deployment_plan import (
+    DeploymentDoesNotFit,
+    PlannedDeployment,
+    plan_deployment,
+)
+from glmdeploy.planning.types import Plan
 from glmdeploy.problems import ConfigError, ExitCode, LoadError, Problem
-from glmdeploy.record import (
+from glmdeploy.records.pictures import save_plan_picture
+from glmdeploy.records.record import (
     RecordWriter,
     RunRecord,
     checkpoint_facts,
@@ -27,7 +32,6 @@ from glmdeploy.record import (
     read_record,
     write_atomic,
 )
-from glmdeploy.settings import GIB, ModelSource, ModelSpec, SourceKind
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 OVERRIDES = ["gpus=2x24gib", "precision=bf16"]
@@ -256,8 +260,8 @@ def test_plan_picture_is_a_png(
 
 def test_record_replay_report_import_neither_torch_nor_matplotlib() -> None:
     code = (
-        "import sys; import glmdeploy.record, glmdeploy.replay, glmdeploy.report, "
-        "glmdeploy.plan_picture; "
+        "import sys; import glmdeploy.records.record, glmdeploy.records.replay, "
+        "glmdeploy.records.report, glmdeploy.records.pictures; "
         "print([m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

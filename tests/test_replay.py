@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from glmdeploy.record import RunRecord, environment_facts
-from glmdeploy.replay import differences
-from glmdeploy.settings import GIB
+from glmdeploy.config.settings import GIB
+from glmdeploy.records.record import RunRecord, environment_facts
+from glmdeploy.records.replay import differences
 
 ENV: dict[str, Any] = {
     "python": "3.11.9",

@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 
-from glmdeploy.deployment import load_deployment
-from glmdeploy.placement_check import DeviceBytes
-from glmdeploy.plan import Plan
-from glmdeploy.planning import plan_deployment
+from glmdeploy.config.deployments import load_deployment
+from glmdeploy.config.settings import GIB
+from glmdeploy.inference.runner import BenchResult, DeviceMemory
+from glmdeploy.loading.verify import DeviceBytes
+from glmdeploy.planning.deployment_plan import plan_deployment
+from glmdeploy.planning.types import Plan
 from glmdeploy.problems import ConfigError, LoadError, Problem
-from glmdeploy.record import RecordWriter, RunRecord
-from glmdeploy.report import collect_rows, markdown, swept_values, write_report
-from glmdeploy.runner import BenchResult, DeviceMemory
-from glmdeploy.settings import GIB
+from glmdeploy.records.record import RecordWriter, RunRecord
+from glmdeploy.records.report import collect_rows, markdown, swept_values, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ENV: dict[str, Any] = {"python": "3.11.9", "packages": {}, "gpus": [], "env": {}}

@@ -10,14 +10,14 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from glmdeploy.anatomy import build_anatomy
-from glmdeploy.gpu_select import GpuAssignment
-from glmdeploy.loader import LoadedModel, load_model
-from glmdeploy.materialize import hf_config, materialize
-from glmdeploy.planner import plan_placement
+from glmdeploy.config.settings import Dtype, GpuMode, ModelSource, Runtime, SourceKind, Strategy
+from glmdeploy.hardware.gpu_select import GpuAssignment
+from glmdeploy.inference.runner import bench, generate, prompt_ids
+from glmdeploy.loading.embedded import hf_config, materialize
+from glmdeploy.loading.loader import LoadedModel, load_model
+from glmdeploy.model.anatomy import build_anatomy
+from glmdeploy.planning.strategies import plan_placement
 from glmdeploy.problems import ConfigError
-from glmdeploy.runner import bench, generate, prompt_ids
-from glmdeploy.settings import Dtype, GpuMode, ModelSource, Runtime, SourceKind, Strategy
 
 from builders import TINY_ARCH, make_deployment
 

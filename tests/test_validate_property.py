@@ -7,8 +7,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glmdeploy.cli import main
-from glmdeploy.compose import GROUPS, group_options, schema_keys
+from glmdeploy.cli.main import main
+from glmdeploy.config.compose import GROUPS, group_options, schema_keys
 
 KEYS = sorted(
     {

@@ -1,0 +1,208 @@
+"""The implementations behind each `glmdeploy` subcommand (the table lives in `glmdeploy.cli.main`).
+
+Each function takes the parsed `Args`, calls the library, prints, and returns an exit code; heavy
+modules are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from glmdeploy.problems import ExitCode, GlmDeployError, render_problems
+
+if TYPE_CHECKING:
+    from glmdeploy.cli.main import Args
+
+
+def print_json(payload: Any) -> None:
+    import json
+
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def report_error(exc: GlmDeployError, args: Args) -> None:
+    """Print an error's problems to stderr (and as JSON on stdout with --json)."""
+    if args.json:
+        payload = {"ok": False, "exit_code": int(exc.exit_code), "error": exc.title,
+                   "problems": [p.to_dict() for p in exc.problems]}  # fmt: skip
+        print_json(payload)
+    print(render_problems(exc.title, exc.problems), file=sys.stderr)
+
+
+def report_internal_error(exc: BaseException) -> None:
+    """A bug in glmdeploy: say so plainly; the traceback only with --debug."""
+    print(
+        f"internal error: {type(exc).__name__}: {exc}\n  hint: rerun with --debug for the "
+        "traceback and report it with the output of `glmdeploy doctor`",
+        file=sys.stderr,
+    )
+
+
+def cmd_validate(args: Args) -> int:
+    from glmdeploy.config.deployments import load_deployments
+
+    if args.hydra_mode and not args.multirun:
+        from glmdeploy.cli.hydra_runner import run_hydra
+
+        return run_hydra(args, job=None)
+    jobs = load_deployments(args.overrides, sweep=args.multirun)
+    if args.json:
+        print_json(
+            {"ok": True, "jobs": [{"overrides": j.overrides, "config": j.config} for j in jobs]}
+        )
+    else:
+        for job in jobs:
+            label = " ".join(job.overrides) or "(defaults)"
+            print(f"ok: {label}: {job.deployment.summary()}")
+    return ExitCode.OK
+
+
+def cmd_show(args: Args) -> int:
+    from glmdeploy.config.deployments import compose_resolved_yaml
+
+    if args.hydra_mode:
+        from glmdeploy.cli.hydra_runner import run_hydra
+
+        return run_hydra(args, job=None)
+    text, cfg = compose_resolved_yaml(args.overrides)
+    if args.json:
+        print_json(cfg)
+    else:
+        print(text, end="")
+    return ExitCode.OK
+
+
+def cmd_job(args: Args) -> int:
+    """plan / load / generate / bench / run: validate everything first, then run and record."""
+    from glmdeploy.config.deployments import load_deployment, load_deployments
+
+    if args.multirun:
+        from glmdeploy.cli.sweep_launcher import launch_sweep, sweep_dir
+        from glmdeploy.config.sweep import expand_sweep
+
+        load_deployments(args.overrides, sweep=True)  # every combination, before anything runs
+        combos = expand_sweep(args.overrides)
+        if args.dry_run:
+            for i, combo in enumerate(combos):
+                print(f"job {i}: {' '.join(combo)}")
+            return ExitCode.OK
+        return launch_sweep(args.command, combos, sweep_dir(args.overrides), json_out=args.json)
+    load_deployment(args.overrides)  # report config problems in glmdeploy's format first
+    from glmdeploy.cli.hydra_runner import run_hydra
+
+    return run_hydra(args, _hydra_job)
+
+
+def _hydra_job(cfg: dict[str, Any], args: Args) -> int:
+    """One job inside Hydra's runner: its run dir, overrides and group choices come from Hydra."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from glmdeploy.cli.jobs import JobContext, run_job
+    from glmdeploy.config.validate import validate_dict
+
+    hc = HydraConfig.get()
+    choices = {str(k): str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+    ctx = JobContext(
+        command=args.command, config=cfg, deployment=validate_dict(cfg),
+        run_dir=Path(hc.runtime.output_dir), overrides=list(hc.overrides.task),
+        choices=choices, json=args.json, save=args.save,
+    )  # fmt: skip
+    return run_job(ctx)
+
+
+def cmd_doctor(args: Args) -> int:
+    from glmdeploy.hardware.doctor import collect_report, render_report
+
+    deployment = None
+    if args.overrides:
+        from glmdeploy.config.deployments import load_deployment
+
+        deployment = load_deployment(args.overrides).deployment
+    report = collect_report(deployment)
+    if deployment is not None:
+        report = _with_fit(report, deployment)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(render_report(report))
+    return ExitCode.OK
+
+
+def _with_fit(report: Any, deployment: Any) -> Any:
+    """doctor's answer to 'does this config fit here, and if not why': the planner's verdict."""
+    import dataclasses
+
+    from glmdeploy.cli.render import verdict
+    from glmdeploy.planning.deployment_plan import DeploymentDoesNotFit, plan_deployment
+
+    try:
+        fit = verdict(plan_deployment(deployment).plan)
+    except DeploymentDoesNotFit as exc:
+        fit = verdict(exc.planned.plan) + "; " + "; ".join(p.message for p in exc.problems)
+    except GlmDeployError as exc:
+        fit = f"cannot plan: {exc.title}: " + "; ".join(
+            f"{p.path}: {p.message}" for p in exc.problems
+        )
+    return dataclasses.replace(report, fit=fit)
+
+
+def cmd_convert(args: Args) -> int:
+    from pathlib import Path
+
+    from glmdeploy.loading.convert import convert_checkpoint
+
+    src, dst = (Path(p) for p in args.positional)
+    result = convert_checkpoint(src, dst, progress=not args.json, overwrite=args.overwrite)
+    if args.json:
+        print_json(
+            {
+                "ok": True,
+                "dst": str(result.dst),
+                "tensors": result.num_tensors,
+                "bytes": result.total_bytes,
+                "shards": list(result.shards),
+            }
+        )
+    else:
+        print(
+            f"converted {result.num_tensors} tensors ({result.total_bytes / 2**30:.2f} GiB) "
+            f"into {result.dst} ({len(result.shards)} shard(s)); load it with "
+            f"model=local model.source.path={result.dst}"
+        )
+    return ExitCode.OK
+
+
+def cmd_replay(args: Args) -> int:
+    from pathlib import Path
+
+    from glmdeploy.cli.jobs import replay_run
+
+    return replay_run(Path(args.positional[0]), json_out=args.json)
+
+
+def cmd_report(args: Args) -> int:
+    from pathlib import Path
+
+    from glmdeploy.records.report import collect_rows, markdown, write_report
+
+    root = Path(args.positional[0])
+    paths = write_report(root)
+    if args.json:
+        import dataclasses
+
+        print_json(
+            {
+                "ok": True,
+                "rows": [dataclasses.asdict(r) for r in collect_rows(root)],
+                "markdown": str(paths.markdown),
+                "csv": str(paths.csv),
+                "png": str(paths.png),
+            }
+        )
+    else:
+        print(markdown(collect_rows(root)))
+        print(f"wrote {paths.markdown}, {paths.csv}, {paths.png}", file=sys.stderr)
+    return ExitCode.OK

@@ -1,0 +1,72 @@
+"""Run a glmdeploy command through Hydra's own application runner (run dirs, -m, --cfg, --info)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from glmdeploy.cli.commands import report_error, report_internal_error
+from glmdeploy.config.compose import CONF_DIR, VERSION_BASE
+from glmdeploy.problems import ConfigError, ExitCode, GlmDeployError, Problem
+
+if TYPE_CHECKING:
+    from glmdeploy.cli.main import Args
+
+JobFn = Callable[[dict[str, Any], "Args"], int]
+
+
+def run_hydra(args: Args, job: JobFn | None) -> int:
+    """Hand the command line to Hydra; call `job` once per (multi)run job with the resolved config.
+
+    Hydra prints `--cfg`/`--info` itself and creates run directories. A job's GlmDeployError is
+    printed in glmdeploy's format and becomes that job's exit code; the worst code is returned.
+    """
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    codes: list[int] = []
+
+    def task(cfg: DictConfig) -> None:
+        if job is None:  # validate/show with Hydra flags: Hydra printed what was asked
+            return
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        assert isinstance(resolved, dict)
+        try:
+            codes.append(job({str(k): v for k, v in resolved.items()}, args))
+        except GlmDeployError as exc:
+            if args.debug:
+                raise
+            report_error(exc, args)
+            codes.append(int(exc.exit_code))
+        except Exception as exc:  # Hydra would print a bare traceback and exit 1
+            if args.debug:
+                raise
+            report_internal_error(exc)
+            codes.append(int(ExitCode.FAILURE))
+
+    flags = list(args.hydra_flags)
+    if "--cfg" in flags or "-c" in flags:
+        flags.append("--resolve")  # print what `glmdeploy show` prints: the resolved config
+    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=VERSION_BASE)(
+        task
+    )
+    saved = sys.argv
+    sys.argv = [f"glmdeploy {args.command}", *flags, *args.overrides]
+    if args.debug:
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # the whole traceback, not Hydra's abridged one
+    try:
+        app()
+    except SystemExit as exc:  # Hydra reports its own failures with sys.exit(1)
+        return ExitCode.CONFIG if exc.code not in (0, None) else ExitCode.OK
+    except ValueError as exc:  # Hydra's own argument checks, e.g. --resolve without --cfg
+        raise ConfigError(
+            [Problem("command line", str(exc), None, "see `glmdeploy --help`")]
+        ) from exc
+    finally:
+        sys.argv = saved
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()  # let later compose() calls in this process initialise
+    return max(codes, default=ExitCode.OK)

@@ -1,0 +1,74 @@
+"""Turn command-line overrides into validated deployments: compose, check, type."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from glmdeploy.config.compose import compose_dict, compose_tolerant
+from glmdeploy.config.settings import Deployment
+from glmdeploy.config.validate import check, validate_dict
+from glmdeploy.problems import ConfigError, Problem
+
+
+@dataclass(frozen=True)
+class Job:
+    """One composed and validated deployment, with the overrides that produced it."""
+
+    overrides: tuple[str, ...]
+    config: dict[str, Any]  # the resolved config as a plain dict (what `show` prints)
+    deployment: Deployment
+
+
+def load_deployment(overrides: Sequence[str]) -> Job:
+    """Compose and validate one deployment. Raises ConfigError with every problem found.
+
+    Overrides that Hydra rejects are reported together with the problems of the config composed
+    from the others.
+    """
+    cfg, problems = compose_tolerant(overrides)
+    if cfg is not None:
+        problems += check(cfg)
+    if problems or cfg is None:
+        raise ConfigError(problems)
+    return Job(tuple(overrides), cfg, validate_dict(cfg))
+
+
+def load_deployments(overrides: Sequence[str], *, sweep: bool = False) -> list[Job]:
+    """Compose and validate one deployment, or every job of a sweep before any job runs.
+
+    For a sweep, the problems of all invalid combinations are reported together, each path
+    prefixed by the job's overrides, so that nothing is launched when one combination is wrong.
+    """
+    if not sweep:
+        return [load_deployment(overrides)]
+    from glmdeploy.config.sweep import expand_sweep
+
+    jobs: list[Job] = []
+    problems: list[Problem] = []
+    combos = expand_sweep(overrides)
+    for combo in combos:
+        label = " ".join(combo)
+        try:
+            jobs.append(load_deployment(combo))
+        except ConfigError as exc:
+            problems += [_in_job(label, p) for p in exc.problems]
+    if problems:
+        bad = len(combos) - len(jobs)
+        raise ConfigError(
+            problems, f"invalid sweep: {bad} of {len(combos)} jobs are invalid, none was launched"
+        )
+    return jobs
+
+
+def _in_job(label: str, problem: Problem) -> Problem:
+    return Problem(f"[{label}] {problem.path}", problem.message, problem.expected, problem.hint)
+
+
+def compose_resolved_yaml(overrides: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """The resolved config as YAML text (as `--cfg job --resolve` prints it) and as a dict."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_dict(overrides)
+    return OmegaConf.to_yaml(OmegaConf.create(cfg)), cfg

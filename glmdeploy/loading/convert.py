@@ -1,0 +1,284 @@
+"""Convert a legacy ChatGLM checkpoint directory into a native transformers GLM one, atomically.
+
+The result is written into a temporary directory beside the destination and renamed into place only
+when complete, so a failed or interrupted conversion leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import save_file
+
+from glmdeploy.loading.checkpoint import SAFETENSORS_INDEX, TensorInfo, fingerprint, iter_tensors
+from glmdeploy.loading.checkpoint import list_tensors as list_checkpoint_tensors
+from glmdeploy.model.legacy_chatglm import (
+    INV_FREQ,
+    check_tensors,
+    is_legacy_chatglm,
+    native_config_dict,
+    native_tensors,
+)
+from glmdeploy.problems import LoadError, Problem
+
+CONVERTER_VERSION = 1  # bump when the output of a conversion changes: invalidates cached ones
+MARKER = "glmdeploy-conversion.json"  # written last into a cached conversion
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+MODELING_SOURCE = "modeling_chatglm.py"  # read as text to tell how rope_ratio is used, never run
+_SIDE_FILES = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
+               "generation_config.json")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What a conversion wrote."""
+
+    src: Path
+    dst: Path
+    num_tensors: int  # native tensors written
+    total_bytes: int
+    shards: tuple[str, ...]
+    copied: tuple[str, ...]  # tokenizer and generation files copied from src
+
+
+def read_config_json(directory: Path) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict.
+
+    Raises:
+        LoadError: the directory or its config.json is missing, or the file is not a JSON object.
+    """
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        what = "is not a directory" if Path(directory).exists() else "does not exist"
+        raise LoadError([Problem(str(directory), f"the checkpoint directory {what}")])
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        hint = "a checkpoint directory needs the config.json it was published with"
+        raise LoadError([Problem(str(path), "missing", hint=hint)]) from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoadError([Problem(str(path), f"cannot read it: {exc}")]) from exc
+    if not isinstance(config, dict):
+        raise LoadError([Problem(str(path), "not a JSON object")])
+    return config
+
+
+def _modeling_source(directory: Path) -> str | None:
+    path = directory / MODELING_SOURCE
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+
+
+def convert_checkpoint(
+    src: Path,
+    dst: Path,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> ConvertResult:
+    """Write a native `GlmForCausalLM` checkpoint at `dst` from the legacy ChatGLM one at `src`.
+
+    Reads any of the four weight layouts (see `glmdeploy.loading.checkpoint`) tensor by tensor and
+    writes `config.json`, `model-0000i-of-0000n.safetensors` shards of at most `max_shard_bytes`
+    (a single larger tensor gets a shard of its own) and `model.safetensors.index.json`, plus the
+    tokenizer and generation files; never `*.py` remote code.
+
+    Args:
+        src: the legacy checkpoint directory.
+        dst: where the native checkpoint goes; must not exist or be empty unless `overwrite`.
+        progress: show a progress bar on stderr.
+        overwrite: replace a non-empty `dst`.
+        max_shard_bytes: the largest output shard.
+
+    Raises:
+        LoadError: the source cannot be read or converted, or `dst` is in the way. Nothing is left
+            at `dst` and the temporary directory is removed.
+    """
+    src, dst = Path(src), Path(dst)
+    legacy = read_config_json(src)
+    config_path = str(src / "config.json")
+    if not is_legacy_chatglm(legacy):
+        found = f"model_type is {legacy.get('model_type')!r}, not a legacy ChatGLM checkpoint"
+        hint = "transformers loads it as it is"
+        raise LoadError([Problem(f"{config_path}:model_type", found, "chatglm", hint)])
+    native = native_config_dict(legacy, modeling_source=_modeling_source(src), source=config_path)
+    from transformers import GlmConfig
+
+    config = GlmConfig(**native)  # transformers checks it before any weight is read
+    infos = list_checkpoint_tensors(src)
+    shapes = {name: info.shape for name, info in infos.items()}
+    files = {name: str(info.file) for name, info in infos.items()}
+    check_tensors(shapes, legacy, files=files, config_path=config_path)
+    _check_destination(src, dst, overwrite)
+    plan = _plan_shards(infos, max_shard_bytes)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        count, total, shard_names = _write_shards(src, tmp, plan, legacy, len(infos), progress)
+        config.save_pretrained(tmp)
+        copied = _copy_side_files(src, tmp)
+        _move_into_place(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConvertResult(src, dst, count, total, shard_names, copied)
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise LoadError([Problem(str(dst), "exists and is not a directory")])
+    resolved_src, resolved_dst = src.resolve(), dst.resolve()
+    if resolved_dst == resolved_src or resolved_dst in resolved_src.parents:
+        raise LoadError([Problem(str(dst), f"would overwrite the source checkpoint {src}")])
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        hint = "choose another destination, remove it, or pass `glmdeploy convert --overwrite`"
+        raise LoadError([Problem(str(dst), "already exists and is not empty", hint=hint)])
+
+
+def _plan_shards(infos: Mapping[str, TensorInfo], max_shard_bytes: int) -> list[list[str]]:
+    """Legacy tensor names per output shard, in reading order (a split tensor stays together)."""
+    plan: list[list[str]] = [[]]
+    size = 0
+    for name, info in infos.items():
+        if name == INV_FREQ:  # read (to be checked) but not written
+            plan[-1].append(name)
+            continue
+        if size and size + info.nbytes > max_shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
+        size += info.nbytes
+    return plan
+
+
+def _owned(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """`tensor` if safetensors can save it beside the others, else a contiguous copy of it."""
+    storage = tensor.untyped_storage()
+    if (
+        storage.data_ptr() in seen
+        or storage.nbytes() != tensor.nbytes
+        or not tensor.is_contiguous()
+    ):
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+    seen.add(tensor.untyped_storage().data_ptr())
+    return tensor
+
+
+def _write_shards(
+    src: Path,
+    tmp: Path,
+    plan: list[list[str]],
+    legacy: Mapping[str, Any],
+    num_legacy: int,
+    progress: bool,
+) -> tuple[int, int, tuple[str, ...]]:
+    """Stream, convert and save tensors shard by shard; returns (tensors, bytes, shard names)."""
+    names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    last_of_shard = {shard[-1]: i for i, shard in enumerate(plan) if shard}
+    weight_map: dict[str, str] = {}
+    total = 0
+    current: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    with _progress_bar(progress) as bar:
+        task = bar.add_task("converting", total=num_legacy)
+        for name, tensor in _tracked(iter_tensors(src), bar, task):
+            for new_name, new in native_tensors(name, tensor, legacy):
+                current[new_name] = _owned(new, seen)
+            if name in last_of_shard:
+                shard = names[last_of_shard[name]]
+                save_file(current, str(tmp / shard), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(current, shard))
+                total += sum(t.nbytes for t in current.values())
+                current, seen = {}, set()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return len(weight_map), total, tuple(sorted(set(weight_map.values())))
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    console = Console(stderr=True)
+    return Progress(
+        *columns, TimeElapsedColumn(), console=console, disable=not enabled, transient=True
+    )
+
+
+def _tracked(
+    items: Iterator[tuple[str, torch.Tensor]], bar: Progress, task: Any
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in items:
+        bar.update(task, description=f"converting {name}")
+        yield name, tensor
+        bar.advance(task)
+
+
+def _copy_side_files(src: Path, tmp: Path) -> tuple[str, ...]:
+    copied = sorted({p.name for pattern in _SIDE_FILES for p in src.glob(pattern) if p.is_file()})
+    for name in copied:
+        shutil.copy2(src / name, tmp / name)
+    return tuple(copied)
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    """Rename `tmp` to `dst`; a non-empty `dst` (overwrite was checked) is swapped out first."""
+    if dst.is_dir() and any(dst.iterdir()):
+        old = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)  # rename(2) replaces an empty directory
+
+
+def conversion_key(src: Path) -> str:
+    """What identifies a conversion: weights fingerprint, config.json, modeling code, converter."""
+    digest = hashlib.sha256(f"glmdeploy-convert-v{CONVERTER_VERSION}\n".encode())
+    digest.update(fingerprint(src).encode())
+    for name in ("config.json", MODELING_SOURCE):
+        path = Path(src) / name
+        digest.update(path.read_bytes() if path.is_file() else b"-")
+    return digest.hexdigest()
+
+
+def ensure_native(src: Path, cache_root: Path, *, progress: bool = True) -> Path:
+    """A checkpoint directory that transformers loads natively: `src` itself, or its conversion.
+
+    A legacy ChatGLM checkpoint is converted once into `cache_root/<key>` (see `conversion_key`);
+    a complete earlier conversion (marked by a file written last) is reused.
+
+    Raises:
+        LoadError: as `convert_checkpoint`.
+    """
+    src = Path(src)
+    if not is_legacy_chatglm(read_config_json(src)):
+        return src
+    key = conversion_key(src)
+    target = Path(cache_root) / key[:20]
+    if (target / MARKER).is_file():
+        return target
+    result = convert_checkpoint(src, target, progress=progress, overwrite=True)
+    record = {
+        "source": str(src.resolve()),
+        "checkpoint_fingerprint": fingerprint(src),
+        "conversion_key": key,
+        "converter_version": CONVERTER_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "shards": list(result.shards),
+    }
+    partial = target / f".{MARKER}.tmp"
+    partial.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, target / MARKER)
+    return target

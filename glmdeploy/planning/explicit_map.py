@@ -1,0 +1,253 @@
+"""Checks a user's explicit device map against the real module tree and the selected devices.
+
+All problems are collected before anything is reported. One-device maps are checked exactly like
+multi-device ones (transformers checks neither names nor coverage for those).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from glmdeploy.config.settings import MapEntry, Offload
+from glmdeploy.model.anatomy import Anatomy, Unit
+from glmdeploy.model.chatglm_names import module_name_hint
+from glmdeploy.planning.types import DeviceKey, summarise
+from glmdeploy.problems import Problem, did_you_mean
+
+_RANGE = re.compile(r"^(.*?)(\d+)-(\d+)(.*)$")
+_SENTINEL = "987654321"
+
+
+@dataclass(frozen=True)
+class MapCheck:
+    """The outcome: the resolved unit -> device map (forward order), or the problems (not both)."""
+
+    device_map: dict[str, DeviceKey]
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def expand(pattern: str) -> list[str] | None:
+    """`model.layers.0-2` -> the three names; a name without a range -> itself; None: bad range."""
+    match = _RANGE.match(pattern)
+    if not match:
+        return [pattern]
+    head, first, last, tail = match.groups()
+    if int(first) > int(last):
+        return None
+    return [f"{head}{i}{tail}" for i in range(int(first), int(last) + 1)]
+
+
+def legacy_hint(pattern: str) -> str | None:
+    """`glmdeploy.model.chatglm_names.module_name_hint` for a pattern, ranges kept as ranges."""
+    match = _RANGE.match(pattern)
+    if not match:
+        return module_name_hint(pattern)
+    head, first, last, tail = match.groups()
+    hint = module_name_hint(f"{head}{_SENTINEL}{tail}")
+    return hint.replace(_SENTINEL, f"{first}-{last}") if hint else None
+
+
+def check_explicit_map(
+    entries: Sequence[MapEntry],
+    anatomy: Anatomy,
+    selected: Sequence[DeviceKey],
+    offload: Offload = Offload.NONE,
+) -> MapCheck:
+    """Validate `placement.map` and resolve it to one device per unit.
+
+    Args:
+        entries: `placement.map`.
+        anatomy: the model (native names).
+        selected: the selected GPUs' physical ids, in selection order.
+        offload: `placement.offload`; maps may name cpu (offload=cpu|disk) and disk (offload=disk).
+    """
+    problems: list[Problem] = []
+    gpus = [k for k in selected if isinstance(k, int)]
+    allowed = {Offload.NONE: (), Offload.CPU: ("cpu",), Offload.DISK: ("cpu", "disk")}[offload]
+    for i, entry in enumerate(entries):
+        problems += _device_problems(i, entry.device, gpus, allowed)
+
+    by_name = {u.name: u for u in anatomy.units}
+    owner = {m: u for u in anatomy.units for m in (*u.modules, *u.tensors)}
+    whole: dict[str, list[tuple[int, DeviceKey]]] = defaultdict(list)  # unit -> entries naming it
+    parts: dict[str, list[tuple[int, DeviceKey]]] = defaultdict(list)  # tensor -> entries
+    for i, entry in enumerate(entries):
+        path = f"placement.map[{i}].modules"
+        if not entry.modules:
+            problems.append(Problem(path, "no modules listed", expected="module names or ranges"))
+        for pattern in entry.modules:
+            names = expand(pattern)
+            if names is None:
+                problems.append(Problem(path, f"{pattern!r}: the range runs backwards"))
+                continue
+            unknown = [n for n in names if n not in owner and n not in anatomy.containers]
+            if unknown:
+                problems.append(_unknown(path, pattern, names, unknown, anatomy))
+            for name in (n for n in names if n not in unknown):
+                if name in by_name or name in anatomy.containers:
+                    for unit in anatomy.units:
+                        if unit.name == name or unit.name.startswith(name + "."):
+                            whole[unit.name].append((i, entry.device))
+                else:
+                    for tensor in _tensors(owner[name]):
+                        if tensor == name or tensor.startswith(name + "."):
+                            parts[tensor].append((i, entry.device))
+
+    resolved: dict[str, DeviceKey] = {}
+    uncovered: list[str] = []
+    for unit in anatomy.units:
+        cover = {t: whole[unit.name] + parts.get(t, []) for t in _tensors(unit)}
+        missing = [t for t, c in cover.items() if not c]
+        devices = {d for c in cover.values() for _, d in c}
+        overlaps = {
+            (entries_[0], tuple(entries_[1:]))
+            for entries_ in (sorted({i for i, _ in claims}) for claims in cover.values())
+            if len(entries_) > 1
+        }
+        problems += [_overlap(unit, first, list(others)) for first, others in overlaps]
+        if missing and len(missing) == len(cover):
+            uncovered.append(unit.name)
+        elif missing:
+            problems.append(_partial(unit, missing, devices))
+        elif overlaps:
+            continue  # reported above; a split would only repeat it
+        elif len(devices) > 1:
+            problems.append(_split(unit, cover, devices))
+        elif devices:
+            resolved[unit.name] = next(iter(devices))
+    if uncovered:
+        problems.append(_uncovered(uncovered))
+    for group in anatomy.tied_groups:
+        where = {u: resolved[u] for u in group.units if u in resolved}
+        if len(set(where.values())) > 1:
+            problems.append(_tied(group.units, where))
+    unique = sorted(set(problems))
+    return MapCheck({} if unique else resolved, tuple(unique))
+
+
+def _tensors(unit: Unit) -> tuple[str, ...]:
+    """What must be covered: parameters and persistent buffers (else the unit itself)."""
+    return unit.tensors or (unit.name,)
+
+
+def _device_text(device: DeviceKey) -> str:
+    return f"GPU {device}" if isinstance(device, int) else str(device)
+
+
+def _device_problems(
+    i: int, device: object, gpus: list[int], allowed: tuple[str, ...]
+) -> list[Problem]:
+    path = f"placement.map[{i}].device"
+    shown = ", ".join(map(str, gpus)) or "none"
+    expected = f"one of the selected GPUs ({shown}){''.join(f', {a}' for a in allowed)}"
+    if isinstance(device, int) and not isinstance(device, bool):
+        if device in gpus:
+            return []
+        ids_hint = "maps name physical GPU ids, as in gpus.ids"
+        if 0 <= device < len(gpus):
+            ids_hint += f" (logical id {device} is GPU {gpus[device]} here)"
+        return [Problem(path, f"GPU {device} is not selected (selected: {shown})", hint=ids_hint)]
+    if device in ("cpu", "disk"):
+        if device in allowed:
+            return []
+        return [
+            Problem(
+                path,
+                f"{device} offload is not enabled",
+                expected=expected,
+                hint=f"set placement.offload={device} to allow it",
+            )
+        ]
+    text = str(device)
+    match = re.fullmatch(r"(?:cuda:)?(\d+)", text)
+    hint = f"write {match.group(1)} (a number, the physical GPU id)" if match else None
+    return [Problem(path, f"{text!r} is not a device", expected=expected, hint=hint)]
+
+
+def _unknown(
+    path: str, pattern: str, names: list[str], unknown: list[str], anatomy: Anatomy
+) -> Problem:
+    legacy = legacy_hint(pattern)
+    if legacy is not None and len(unknown) == len(names):
+        return Problem(
+            path,
+            f"{pattern!r} is a legacy ChatGLM module name; this model is planned in transformers' "
+            f"native {anatomy.model_class} layout",
+            hint=legacy,
+        )
+    stem = re.fullmatch(r"(.*)\.\d+", names[0])
+    if len(unknown) < len(names) or (stem and stem.group(1) in anatomy.containers):
+        blocks = summarise(u.name for u in anatomy.blocks)
+        return Problem(
+            path,
+            f"{summarise(unknown)} do not exist",
+            expected=f"this model has {blocks}" if blocks else None,
+        )
+    candidates = [*anatomy.containers, *(m for u in anatomy.units for m in u.modules)]
+    hint = did_you_mean(names[0], candidates)
+    match = _RANGE.match(pattern)
+    if hint and match:  # suggest the range, not its first name
+        _, first, last, tail = match.groups()
+        hint = re.sub(rf"\.{first}{re.escape(tail)}'", f".{first}-{last}{tail}'", hint)
+    return Problem(
+        path,
+        f"{pattern!r} is not a module of {anatomy.model_class}",
+        expected=f"top-level units: {summarise(anatomy.names)}",
+        hint=hint,
+    )
+
+
+def _overlap(unit: Unit, first: int, others: list[int]) -> Problem:
+    where = ", ".join(f"placement.map[{i}]" for i in others)
+    return Problem(
+        f"placement.map[{first}].modules",
+        f"{unit.name} is also mapped by {where}",
+        hint="name each module in one entry only",
+    )
+
+
+def _partial(unit: Unit, missing: list[str], devices: set[DeviceKey]) -> Problem:
+    shown = ", ".join(missing[:4]) + (", …" if len(missing) > 4 else "")
+    return Problem(
+        "placement.map",
+        f"{unit.name} is only partly mapped: {shown} not mapped",
+        hint=f"map the whole unit '{unit.name}' (to {_device_text(min(devices, key=str))})",
+    )
+
+
+def _split(
+    unit: Unit, cover: dict[str, list[tuple[int, DeviceKey]]], devices: set[DeviceKey]
+) -> Problem:
+    entries = sorted({i for claims in cover.values() for i, _ in claims})
+    shown = " and ".join(sorted(map(_device_text, devices)))
+    return Problem(
+        f"placement.map[{entries[0]}].modules",
+        f"{unit.name} ({unit.class_name}) must stay on one device, but its parts map to {shown}",
+        hint=f"map the whole block: '{unit.name}'",
+    )
+
+
+def _uncovered(names: list[str]) -> Problem:
+    return Problem(
+        "placement.map",
+        f"not mapped to any device: {summarise(names)}",
+        hint=f"add them to an entry, e.g. {{modules: [{summarise(names)}], device: …}}",
+    )
+
+
+def _tied(units: tuple[str, ...], where: dict[str, DeviceKey]) -> Problem:
+    leader, *followers = units
+    shown = ", ".join(f"{u} on {_device_text(d)}" for u, d in where.items())
+    return Problem(
+        "placement.map",
+        f"{', '.join(followers)} shares its weight with {leader} (tied), but they map apart: "
+        f"{shown}",
+        hint=f"put {', '.join(followers)} on {_device_text(where.get(leader, ''))} with {leader}",
+    )

@@ -1,0 +1,300 @@
+"""The run record of one job in its run directory (run.json, plan.json, plan.png, resolved.yaml).
+
+`run.json` is written when the job starts (`running`) and rewritten when it ends (`ok`, `failed`
+with the error, `interrupted`). Every file goes to a temporary name renamed over the target, so a
+run directory never holds a half-written file. `plan.json` is what `placement=plan_file` reads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from glmdeploy.config.settings import Deployment, ModelSpec, SourceKind
+from glmdeploy.hardware.doctor import PACKAGES, _environment, _version
+from glmdeploy.hardware.nvml import Nvml, probe
+from glmdeploy.planning.types import Plan
+from glmdeploy.problems import ConfigError, ExitCode, GlmDeployError, Problem
+
+RECORD_FORMAT = "glmdeploy.run/1"
+RUN_JSON, PLAN_JSON, PLAN_PNG, RESOLVED_YAML = "run.json", "plan.json", "plan.png", "resolved.yaml"
+Status = Literal["running", "ok", "failed", "interrupted"]
+_CHANGING = ("used_bytes", "free_bytes", "processes")  # GPU facts that change from run to run
+
+
+@dataclass
+class RunRecord:
+    """What one job did, with everything needed to reproduce it (JSON through `to_dict`).
+
+    `config` is the fully resolved config (interpolations frozen); `plan` is `Plan.to_dict()`;
+    `results` holds `{"load": LoadedModel.to_dict(), "generate": GenerateResult.to_dict(),
+    "bench": BenchResult.to_dict()}` as far as the command got; `error` is `{title, exit_code,
+    problems}` (or `{title: "internal error", exit_code, message}`); `timings` are seconds per step.
+    """
+
+    command: str  # plan | load | generate | bench | run
+    config: dict[str, Any]
+    overrides: list[str] = field(default_factory=list)
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> option
+    status: Status = "running"
+    started_at: str = ""  # ISO 8601, UTC
+    finished_at: str | None = None
+    duration_s: float | None = None
+    plan: dict[str, Any] | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. the plan picture could not be drawn
+    format: str = RECORD_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, **{k: v for k, v in asdict(self).items() if k != "format"}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
+        """The inverse of `to_dict`; ValueError on another format, TypeError on missing fields."""
+        if data.get("format") != RECORD_FORMAT:
+            raise ValueError(f"not a {RECORD_FORMAT} record (format: {data.get('format')!r})")
+        known = {f.name for f in fields(cls)}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        record.config = _gpu_keys_as_ints(record.config)
+        return record
+
+
+def new_record(
+    command: str,
+    overrides: Sequence[str],
+    choices: Mapping[str, str],
+    config: Mapping[str, Any],
+    deployment: Deployment,
+) -> RunRecord:
+    """A record started now, with this machine's environment and the checkpoint's facts."""
+    choices = {str(k): str(v) for k, v in choices.items()}
+    env, checkpoint = environment_facts(), checkpoint_facts(deployment.model)
+    return RunRecord(command, dict(config), list(overrides), choices, started_at=_now(),
+                     environment=env, checkpoint=checkpoint)  # fmt: skip
+
+
+def _gpu_keys_as_ints(config: dict[str, Any]) -> dict[str, Any]:
+    """JSON turns int keys into strings; GPU ids in `gpus.max_memory_gib` are ints again."""
+    gpus = config.get("gpus")
+    caps = gpus.get("max_memory_gib") if isinstance(gpus, dict) else None
+    if isinstance(gpus, dict) and isinstance(caps, dict):
+        gpus["max_memory_gib"] = {int(k) if str(k).isdigit() else k: v for k, v in caps.items()}
+    return config
+
+
+def environment_facts(
+    *, nvml: Nvml | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Versions, NVIDIA driver, GPUs and relevant environment variables (`nvml`, `environ`: tests).
+
+    Reads NVML and `torch.version.cuda` only: CUDA is never initialised.
+    """
+    snapshot = probe(nvml)
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "torch_cuda": _torch_cuda_build(),
+        "nvidia_driver": snapshot.driver_version,
+        "cuda_driver": snapshot.cuda_driver_version,
+        "nvml_error": snapshot.nvml_error,
+        "gpus": [
+            {k: v for k, v in asdict(g).items() if k not in _CHANGING}  # total memory, uuid, …
+            for g in snapshot.gpus
+        ],
+        "env": _environment(os.environ if environ is None else environ),
+    }
+
+
+def _torch_cuda_build() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return str(torch.version.cuda) if torch.version.cuda else None  # a build fact, no CUDA init
+
+
+def checkpoint_facts(model: ModelSpec) -> dict[str, Any] | None:
+    """Where the weights come from and a fingerprint of them (None: plan-only, no weights)."""
+    src = model.source
+    if src.kind is SourceKind.NONE:
+        return None
+    if src.kind is SourceKind.EMBEDDED:
+        from glmdeploy.loading.embedded import embedded_key
+
+        key = embedded_key(model.architecture, src.seed) if model.architecture else None
+        return {"kind": "embedded", "seed": src.seed, "fingerprint": key}
+    if src.kind is SourceKind.HUB:
+        return {"kind": "hub", "hub_id": src.hub_id, "revision": src.revision}
+    from glmdeploy.loading.checkpoint import fingerprint
+
+    path = Path(src.path or "").expanduser().resolve()
+    facts: dict[str, Any] = {"kind": "local", "path": str(path), "layout": str(src.layout)}
+    try:
+        facts["fingerprint"] = fingerprint(path)
+    except (GlmDeployError, OSError) as exc:  # the load step reports it properly
+        facts["fingerprint"] = None
+        facts["fingerprint_error"] = str(exc).splitlines()[-1].strip()
+    return facts
+
+
+def error_dict(exc: BaseException) -> dict[str, Any]:
+    """How a record says why a job stopped."""
+    if isinstance(exc, GlmDeployError):
+        problems = [p.to_dict() for p in exc.problems]
+        return {"title": exc.title, "exit_code": int(exc.exit_code), "problems": problems}
+    if isinstance(exc, KeyboardInterrupt):
+        return {"title": "interrupted", "exit_code": int(ExitCode.INTERRUPTED), "problems": []}
+    message = f"{type(exc).__name__}: {exc}"
+    return {"title": "internal error", "exit_code": int(ExitCode.FAILURE), "message": message}
+
+
+class RecordWriter:
+    """Writes one job's record files into `run_dir`; as a context manager, records how it ended.
+
+    ```
+    record = RunRecord("bench", cfg, overrides, choices, checkpoint=checkpoint_facts(model))
+    with RecordWriter(run_dir).start(record) as writer:
+        writer.save_plan(planned.plan)  # plan.json, plan.png, and the plan in run.json
+        loaded = load_model(...)
+        writer.finish("ok", results={"load": loaded.to_dict()}, timings={"load": seconds})
+    ```
+    Leaving the block normally finishes `ok` (unless `finish` was called); a GlmDeployError or
+    other exception finishes `failed` with the error, KeyboardInterrupt `interrupted`; the
+    exception is re-raised.
+    """
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.run_dir = Path(run_dir)
+        self._record: RunRecord | None = None
+        self._clock = 0.0
+
+    @property
+    def record(self) -> RunRecord:
+        if self._record is None:
+            raise RuntimeError("RecordWriter.start() has not been called")
+        return self._record
+
+    def start(self, record: RunRecord) -> RecordWriter:
+        """Write `resolved.yaml` and `run.json` (`running`; this machine's facts unless given)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        record.status, record.started_at = "running", record.started_at or _now()
+        record.environment = record.environment or environment_facts()
+        self._record, self._clock = record, time.monotonic()
+        import yaml
+
+        text = yaml.safe_dump(_plain(record.config), sort_keys=False, allow_unicode=True)
+        write_atomic(self.run_dir / RESOLVED_YAML, text)
+        self._write()
+        return self
+
+    def save_plan(self, plan: Plan) -> None:
+        """Write `plan.json` and `plan.png`, and put the plan in `run.json`."""
+        record = self.record
+        text = json.dumps(plan.to_dict(), indent=2) + "\n"
+        record.plan = json.loads(text)  # JSON-shaped in memory too: lists, not tuples
+        write_atomic(self.run_dir / PLAN_JSON, text)
+        try:
+            from glmdeploy.records.pictures import save_plan_picture
+
+            save_plan_picture(plan, self.run_dir / PLAN_PNG)
+        except Exception as exc:  # a picture must never fail the run it illustrates
+            record.warnings.append(f"plan picture not drawn: {type(exc).__name__}: {exc}")
+        self._write()
+
+    def finish(
+        self,
+        status: Status = "ok",
+        *,
+        results: Mapping[str, Any] | None = None,
+        error: BaseException | Mapping[str, Any] | None = None,
+        plan: Plan | None = None,
+        timings: Mapping[str, float] | None = None,
+    ) -> RunRecord:
+        """Rewrite `run.json` with the final status, results, error, plan and timings."""
+        record = self.record
+        if plan is not None:
+            self.save_plan(plan)
+        record.results.update(results or {})
+        record.timings.update(timings or {})
+        if error is None and status == "interrupted":
+            error = KeyboardInterrupt()
+        if error is not None:
+            record.error = error_dict(error) if isinstance(error, BaseException) else dict(error)
+        record.status, record.finished_at = status, _now()
+        record.duration_s = time.monotonic() - self._clock
+        self._write()
+        return record
+
+    def fail(self, exc: BaseException) -> RunRecord:
+        """Finish `interrupted` (KeyboardInterrupt) or `failed`, with the error (and best plan)."""
+        best = getattr(getattr(exc, "planned", None), "plan", None)  # DeploymentDoesNotFit
+        plan = best if isinstance(best, Plan) and self.record.plan is None else None
+        status: Status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        return self.finish(status, error=exc, plan=plan)
+
+    def __enter__(self) -> RecordWriter:
+        self.record  # noqa: B018 -- fail early when start() was not called
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if self.record.status == "running" and exc is None:
+            self.finish("ok")
+        elif self.record.status == "running" and exc is not None:
+            self.fail(exc)
+
+    def _write(self) -> None:
+        text = json.dumps(self.record.to_dict(), indent=2, default=str) + "\n"
+        write_atomic(self.run_dir / RUN_JSON, text)
+
+
+def read_record(run_dir: Path | str) -> RunRecord:
+    """The record in `run_dir`. Raises ConfigError when there is none or it cannot be read."""
+    path = Path(run_dir) / RUN_JSON
+    hint = "give a run directory written by glmdeploy plan/load/generate/bench (it holds run.json)"
+    try:
+        return RunRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError as exc:
+        what = "no run.json here" if Path(run_dir).is_dir() else "no such directory"
+        problem = Problem(str(run_dir), what, "a glmdeploy run directory", hint)
+        raise ConfigError([problem], "not a glmdeploy run directory") from exc
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        problem = Problem(str(path), f"cannot read the run record: {exc}", RECORD_FORMAT, hint)
+        raise ConfigError([problem], "not a glmdeploy run directory") from exc
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, flush it to disk, and rename it over."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _plain(value: Any) -> Any:
+    """A copy that `yaml.safe_dump` accepts: tuples as lists, unknown objects as text."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
