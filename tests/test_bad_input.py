@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from glmdeploy.config.compose import CONF_DIR, compose_dict
+from glmdeploy.config.locations import ConfigSource
 from glmdeploy.problems import ConfigError
 
 MAP_OK = "{modules:[model.embed_tokens,model.layers.0-1],device:0}"
@@ -215,9 +216,9 @@ def test_broken_yaml_in_a_config_file(tmp_path: Path) -> None:
     shutil.copytree(CONF_DIR, conf)
     (conf / "runtime" / "chat.yaml").write_text("max_context_tokens: [4096\n")
     with pytest.raises(ConfigError) as info:
-        compose_dict([], config_dir=conf)
+        compose_dict([], ConfigSource(shipped_dir=conf))
     problem = info.value.problems[0]
-    assert "chat.yaml" in problem.message or "runtime" in problem.path
+    assert str(conf / "runtime" / "chat.yaml") in problem.message and problem.path == "runtime=chat"
     assert (conf / "runtime" / "chat.yaml").read_text() == "max_context_tokens: [4096\n"
 
 

@@ -9,44 +9,24 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from glmdeploy.problems import ExitCode, GlmDeployError, render_problems
+from glmdeploy.cli.args import Args
+from glmdeploy.cli.output import print_json
+from glmdeploy.problems import ExitCode, GlmDeployError
 
 if TYPE_CHECKING:
-    from glmdeploy.cli.main import Args
-
-
-def print_json(payload: Any) -> None:
-    import json
-
-    print(json.dumps(payload, indent=2, default=str))
-
-
-def report_error(exc: GlmDeployError, args: Args) -> None:
-    """Print an error's problems to stderr (and as JSON on stdout with --json)."""
-    if args.json:
-        payload = {"ok": False, "exit_code": int(exc.exit_code), "error": exc.title,
-                   "problems": [p.to_dict() for p in exc.problems]}  # fmt: skip
-        print_json(payload)
-    print(render_problems(exc.title, exc.problems), file=sys.stderr)
-
-
-def report_internal_error(exc: BaseException) -> None:
-    """A bug in glmdeploy: say so plainly; the traceback only with --debug."""
-    print(
-        f"internal error: {type(exc).__name__}: {exc}\n  hint: rerun with --debug for the "
-        "traceback and report it with the output of `glmdeploy doctor`",
-        file=sys.stderr,
-    )
+    from glmdeploy.config.settings import Deployment
+    from glmdeploy.hardware.doctor import DoctorReport
 
 
 def cmd_validate(args: Args) -> int:
     from glmdeploy.config.deployments import load_deployments
 
+    source = args.source()
     if args.hydra_mode and not args.multirun:
         from glmdeploy.cli.hydra_runner import run_hydra
 
-        return run_hydra(args, job=None)
-    jobs = load_deployments(args.overrides, sweep=args.multirun)
+        return run_hydra(args, source, job=None)
+    jobs = load_deployments(args.overrides, source, sweep=args.multirun)
     if args.json:
         print_json(
             {"ok": True, "jobs": [{"overrides": j.overrides, "config": j.config} for j in jobs]}
@@ -61,11 +41,12 @@ def cmd_validate(args: Args) -> int:
 def cmd_show(args: Args) -> int:
     from glmdeploy.config.deployments import compose_resolved_yaml
 
+    source = args.source()
     if args.hydra_mode:
         from glmdeploy.cli.hydra_runner import run_hydra
 
-        return run_hydra(args, job=None)
-    text, cfg = compose_resolved_yaml(args.overrides)
+        return run_hydra(args, source, job=None)
+    text, cfg = compose_resolved_yaml(args.overrides, source)
     if args.json:
         print_json(cfg)
     else:
@@ -77,21 +58,24 @@ def cmd_job(args: Args) -> int:
     """plan / load / generate / bench / run: validate everything first, then run and record."""
     from glmdeploy.config.deployments import load_deployment, load_deployments
 
+    source = args.source()
     if args.multirun:
         from glmdeploy.cli.sweep_launcher import launch_sweep, sweep_dir
         from glmdeploy.config.sweep import expand_sweep
 
-        load_deployments(args.overrides, sweep=True)  # every combination, before anything runs
+        load_deployments(args.overrides, source, sweep=True)  # every job, before any runs
         combos = expand_sweep(args.overrides)
         if args.dry_run:
             for i, combo in enumerate(combos):
                 print(f"job {i}: {' '.join(combo)}")
             return ExitCode.OK
-        return launch_sweep(args.command, combos, sweep_dir(args.overrides), json_out=args.json)
-    load_deployment(args.overrides)  # report config problems in glmdeploy's format first
+        return launch_sweep(
+            args.command, combos, sweep_dir(args.overrides), source=source, json_out=args.json
+        )
+    load_deployment(args.overrides, source)  # report config problems in glmdeploy's format first
     from glmdeploy.cli.hydra_runner import run_hydra
 
-    return run_hydra(args, _hydra_job)
+    return run_hydra(args, source, _hydra_job)
 
 
 def _hydra_job(cfg: dict[str, Any], args: Args) -> int:
@@ -120,7 +104,7 @@ def cmd_doctor(args: Args) -> int:
     if args.overrides:
         from glmdeploy.config.deployments import load_deployment
 
-        deployment = load_deployment(args.overrides).deployment
+        deployment = load_deployment(args.overrides, args.source()).deployment
     report = collect_report(deployment)
     if deployment is not None:
         report = _with_fit(report, deployment)
@@ -131,7 +115,7 @@ def cmd_doctor(args: Args) -> int:
     return ExitCode.OK
 
 
-def _with_fit(report: Any, deployment: Any) -> Any:
+def _with_fit(report: DoctorReport, deployment: Deployment) -> DoctorReport:
     """doctor's answer to 'does this config fit here, and if not why': the planner's verdict."""
     import dataclasses
 

@@ -7,17 +7,18 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from glmdeploy.cli.commands import report_error, report_internal_error
-from glmdeploy.config.compose import CONF_DIR, VERSION_BASE
+from glmdeploy.cli.args import Args
+from glmdeploy.cli.output import report_error, report_internal_error
+from glmdeploy.config.compose import VERSION_BASE, search_path
 from glmdeploy.problems import ConfigError, ExitCode, GlmDeployError, Problem
 
 if TYPE_CHECKING:
-    from glmdeploy.cli.main import Args
+    from glmdeploy.config.locations import ConfigSource
 
-JobFn = Callable[[dict[str, Any], "Args"], int]
+JobFn = Callable[[dict[str, Any], Args], int]
 
 
-def run_hydra(args: Args, job: JobFn | None) -> int:
+def run_hydra(args: Args, source: ConfigSource, job: JobFn | None) -> int:
     """Hand the command line to Hydra; call `job` once per (multi)run job with the resolved config.
 
     Hydra prints `--cfg`/`--info` itself and creates run directories. A job's GlmDeployError is
@@ -38,7 +39,7 @@ def run_hydra(args: Args, job: JobFn | None) -> int:
         except GlmDeployError as exc:
             if args.debug:
                 raise
-            report_error(exc, args)
+            report_error(exc, as_json=args.json)
             codes.append(int(exc.exit_code))
         except Exception as exc:  # Hydra would print a bare traceback and exit 1
             if args.debug:
@@ -49,15 +50,17 @@ def run_hydra(args: Args, job: JobFn | None) -> int:
     flags = list(args.hydra_flags)
     if "--cfg" in flags or "-c" in flags:
         flags.append("--resolve")  # print what `glmdeploy show` prints: the resolved config
-    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=VERSION_BASE)(
-        task
-    )
+    app = hydra.main(
+        config_path=str(source.shipped_dir), config_name=source.config_name,
+        version_base=VERSION_BASE,
+    )(task)  # fmt: skip
     saved = sys.argv
     sys.argv = [f"glmdeploy {args.command}", *flags, *args.overrides]
     if args.debug:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # the whole traceback, not Hydra's abridged one
     try:
-        app()
+        with search_path(source):
+            app()
     except SystemExit as exc:  # Hydra reports its own failures with sys.exit(1)
         return ExitCode.CONFIG if exc.code not in (0, None) else ExitCode.OK
     except ValueError as exc:  # Hydra's own argument checks, e.g. --resolve without --cfg

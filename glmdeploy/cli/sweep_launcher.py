@@ -15,8 +15,12 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from glmdeploy.problems import ExitCode
+
+if TYPE_CHECKING:
+    from glmdeploy.config.locations import ConfigSource
 
 PARALLEL_COMMANDS = {"plan"}  # touch no GPU: safe to run side by side
 
@@ -29,7 +33,14 @@ def sweep_dir(overrides: Sequence[str]) -> Path:
     return Path("multirun") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
 
 
-def launch_sweep(command: str, jobs: Sequence[Sequence[str]], root: Path, *, json_out: bool) -> int:
+def launch_sweep(
+    command: str,
+    jobs: Sequence[Sequence[str]],
+    root: Path,
+    *,
+    source: ConfigSource | None = None,
+    json_out: bool,
+) -> int:
     """Run `glmdeploy COMMAND <job overrides>` for every job; returns the worst exit code.
 
     Ctrl-C stops the sweep: the running children are interrupted too (same process group) and
@@ -47,10 +58,14 @@ def launch_sweep(command: str, jobs: Sequence[Sequence[str]], root: Path, *, jso
         file=sys.stderr,
     )
 
+    # The children compose from the same directories: the user's, by environment variable.
+    env = {**os.environ, **source.env()} if source is not None else None
+    name = ["--config-name", source.config_name] if source is not None else []
+
     def one(num: int) -> int:
         argv = [sys.executable, "-m", "glmdeploy", command, *(["--json"] if json_out else []),
-                *plain[num], f"hydra.run.dir={root / str(num)}"]  # fmt: skip
-        proc = subprocess.run(argv, capture_output=True, text=True)
+                *name, *plain[num], f"hydra.run.dir={root / str(num)}"]  # fmt: skip
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
         label = " ".join(plain[num])
         status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
         tail = proc.stderr.strip().splitlines()[:1] if proc.returncode else []

@@ -1,7 +1,7 @@
 """Compose YAML groups and command-line overrides into a plain dict, Hydra's failures as Problems.
 
-This is the one place that passes `version_base` to Hydra and the one place that knows where the
-config tree and the schema live.
+This is the one place that passes `version_base` to Hydra; `glmdeploy.config.locations` knows
+where the config directories and the schema live.
 """
 
 from __future__ import annotations
@@ -9,17 +9,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from glmdeploy.config.locations import GROUPS, SCHEMA_PATH, SHIPPED_CONF_DIR, ConfigSource
 from glmdeploy.problems import ConfigError, Problem, did_you_mean, one_of
 
 VERSION_BASE = "1.3"
-ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = ROOT / "conf"
-SCHEMA_PATH = ROOT / "schemas" / "deployment.schema.json"
-GROUPS = ("model", "gpus", "precision", "placement", "runtime", "profile")
+CONF_DIR = SHIPPED_CONF_DIR
 
 _QUOTING_HINT = (
     "quote the whole override for bash: 'key=[a,b]' or 'key={0: 20, 1: 24}'; "
@@ -27,20 +26,51 @@ _QUOTING_HINT = (
 )
 
 
-def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    """The options of a config group: the YAML files in its folder, without suffix."""
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+def group_options(group: str, source: ConfigSource | None = None) -> list[str]:
+    """The options of a config group: the YAML files in its folders, without suffix."""
+    return (source or ConfigSource()).group_options(group)
+
+
+_ACTIVE: list[ConfigSource] = []  # the source being composed (innermost last)
 
 
 @contextmanager
-def _hydra_context(config_dir: Path) -> Iterator[None]:
+def search_path(source: ConfigSource) -> Iterator[None]:
+    """While active, Hydra (compose API and `hydra.main` alike) searches the user's directories
+    before the shipped groups, through a search-path plugin (Hydra's extension point for this)."""
+    from hydra.core.config_search_path import ConfigSearchPath, SearchPathQuery
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    class GlmdeployUserDirs(SearchPathPlugin):
+        def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+            for directory in _ACTIVE[-1].user_dirs if _ACTIVE else ():
+                search_path.prepend(
+                    "glmdeploy-user", f"file://{directory}", SearchPathQuery(provider="main")
+                )
+
+    plugins = Plugins.instance()
+    if not any(c.__name__ == "GlmdeployUserDirs" for c in plugins.discover(SearchPathPlugin)):
+        plugins.register(GlmdeployUserDirs)
+    _ACTIVE.append(source)
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+@contextmanager
+def _hydra_context(source: ConfigSource) -> Iterator[None]:
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(config_dir), version_base=VERSION_BASE):
+    with (
+        search_path(source),
+        initialize_config_dir(config_dir=str(source.shipped_dir), version_base=VERSION_BASE),
+    ):
         yield
 
 
-def compose_dict(overrides: Sequence[str], config_dir: Path = CONF_DIR) -> dict[str, Any]:
+def compose_dict(overrides: Sequence[str], source: ConfigSource | None = None) -> dict[str, Any]:
     """Compose the deployment config and return it as a plain, resolved dict.
 
     Mandatory values left unset stay as the string `"???"`; validation reports them with the rest.
@@ -48,47 +78,59 @@ def compose_dict(overrides: Sequence[str], config_dir: Path = CONF_DIR) -> dict[
     Raises:
         ConfigError: with every override that cannot be parsed or applied.
     """
-    cfg, problems = compose_tolerant(overrides, config_dir)
-    if problems or cfg is None:
-        raise ConfigError(problems)
-    return cfg
+    composed = compose_tolerant(overrides, source)
+    if composed.problems or composed.config is None:
+        raise ConfigError(composed.problems)
+    return composed.config
 
 
-def compose_tolerant(
-    overrides: Sequence[str], config_dir: Path = CONF_DIR
-) -> tuple[dict[str, Any] | None, list[Problem]]:
+@dataclass
+class Composition:
+    """What `compose_tolerant` made of the overrides.
+
+    Attributes:
+        config: the config composed from the acceptable overrides (None if even that failed).
+        problems: the problems of the rejected overrides (or of a broken config file).
+        choices: group -> the option chosen (`gpus` -> `2x24gib`), as Hydra reports them.
+    """
+
+    config: dict[str, Any] | None
+    problems: list[Problem] = field(default_factory=list)
+    choices: dict[str, str] = field(default_factory=dict)
+
+
+def compose_tolerant(overrides: Sequence[str], source: ConfigSource | None = None) -> Composition:
     """Compose, setting aside each override Hydra rejects, so that all of them are reported.
 
     Hydra stops at the first bad override; this retries without it until the rest composes.
-    Returns the config composed from the acceptable overrides (None if even that fails) and the
-    problems of the rejected ones.
     """
     import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    source = source or ConfigSource()
     remaining = list(overrides)
     problems: list[Problem] = []
     while True:
         try:
-            return _compose(remaining, config_dir), problems
+            config, choices = _compose(remaining, source)
+            return Composition(config, problems, choices)
         except yaml.MarkedYAMLError as exc:
-            return None, [*problems, _yaml_problem(exc, config_dir)]
+            return Composition(None, [*problems, _yaml_problem(exc, source)])
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
-            problems += translate_hydra_error(exc, remaining, config_dir)
+            problems += translate_hydra_error(exc, remaining, source)
             culprit = _culprit(exc, remaining)
             if culprit is None:
-                return None, problems
+                return Composition(None, problems)
             remaining.remove(culprit)
 
 
-def _yaml_problem(exc: Any, config_dir: Path) -> Problem:
+def _yaml_problem(exc: Any, source: ConfigSource) -> Problem:
     """A YAML syntax error in a config file, located by group path, file, line and column."""
     mark = exc.problem_mark or exc.context_mark
     file = Path(mark.name) if mark is not None else None
-    where = ""
-    if file is not None and file.is_relative_to(config_dir):
-        where = file.relative_to(config_dir).with_suffix("").as_posix().replace("/", "=", 1)
+    found = source.relative_name(file) if file is not None else None
+    where = found[1].replace("/", "=", 1) if found is not None else ""
     at = f"{file}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
     return Problem(
         where,
@@ -98,15 +140,20 @@ def _yaml_problem(exc: Any, config_dir: Path) -> Problem:
     )
 
 
-def _compose(overrides: list[str], config_dir: Path) -> dict[str, Any]:
+def _compose(overrides: list[str], source: ConfigSource) -> tuple[dict[str, Any], dict[str, str]]:
+    """The resolved config as a plain dict, and the option chosen in each group."""
     from hydra import compose
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
-    with _hydra_context(config_dir):
-        cfg = compose(config_name="config", overrides=overrides)
+    with _hydra_context(source):
+        cfg = compose(config_name=source.config_name, overrides=overrides, return_hydra_config=True)
+    choices = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items()
+               if not str(k).startswith("hydra")}  # fmt: skip
+    with open_dict(cfg):
+        del cfg["hydra"]
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert isinstance(container, dict)
-    return {str(k): v for k, v in container.items()}
+    return {str(k): v for k, v in container.items()}, choices
 
 
 def _culprit(exc: BaseException, overrides: list[str]) -> str | None:
@@ -155,10 +202,10 @@ def schema_keys() -> dict[str, list[str]]:
     return found
 
 
-def _key_problem(key: str, value: str | None, config_dir: Path) -> Problem:
+def _key_problem(key: str, value: str | None, source: ConfigSource) -> Problem:
     """A Problem for an override that names a key the config does not have."""
     parent, _, leaf = key.rpartition(".")
-    groups = [g for g in GROUPS if (config_dir / g).is_dir()]
+    groups = [g for g in GROUPS if any((d / g).is_dir() for d in source.search_dirs)]
     if not parent and leaf not in schema_keys()[""]:
         hint = did_you_mean(leaf, [*schema_keys()[""], *groups])
         return Problem(key, "unknown config group or key", one_of(groups), hint)
@@ -187,9 +234,10 @@ _OVERRIDE_KEY = re.compile(r"Could not (?:override|append to) '([^']+)'")
 
 
 def translate_hydra_error(
-    exc: BaseException, overrides: Sequence[str], config_dir: Path = CONF_DIR
+    exc: BaseException, overrides: Sequence[str], source: ConfigSource | None = None
 ) -> list[Problem]:
     """Turn an exception from Hydra/OmegaConf composition into glmdeploy Problems."""
+    source = source or ConfigSource()
     from hydra.errors import MissingConfigException, OverrideParseException
 
     text = str(exc)
@@ -209,8 +257,9 @@ def translate_hydra_error(
         match = re.search(r"Could not find '([^/']+)/([^']+)'", text)
         if match:
             group, option = match.groups()
-            options = group_options(group, config_dir)
-            hint = did_you_mean(option, options) or f"list them: ls conf/{group}/"
+            options = source.group_options(group)
+            folders = " ".join(f"{d / group}/" for d in source.search_dirs if (d / group).is_dir())
+            hint = did_you_mean(option, options) or f"list them: ls {folders}"
             return [Problem(group, f"unknown option '{option}'", one_of(options, 20), hint)]
         return [Problem("", text.splitlines()[0])]
     match = _OVERRIDE_KEY.search(text)
@@ -219,7 +268,7 @@ def translate_hydra_error(
         value = next(
             (o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(key + "=")), None
         )
-        return [_key_problem(key, value, config_dir)]
+        return [_key_problem(key, value, source)]
     if text.startswith("Could not append to config. An item is already at"):
         key = text.split("'")[1]
         return [

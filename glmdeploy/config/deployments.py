@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmdeploy.config.compose import compose_dict, compose_tolerant
+from glmdeploy.config.locations import ConfigSource
 from glmdeploy.config.settings import Deployment
 from glmdeploy.config.validate import check, validate_dict
 from glmdeploy.problems import ConfigError, Problem
@@ -21,28 +22,42 @@ class Job:
     deployment: Deployment
 
 
-def load_deployment(overrides: Sequence[str]) -> Job:
+def load_deployment(overrides: Sequence[str], source: ConfigSource | None = None) -> Job:
     """Compose and validate one deployment. Raises ConfigError with every problem found.
 
     Overrides that Hydra rejects are reported together with the problems of the config composed
-    from the others.
+    from the others; a problem in a key set by one of the user's own option files names the file.
     """
-    cfg, problems = compose_tolerant(overrides)
+    source = source or ConfigSource()
+    composed = compose_tolerant(overrides, source)
+    cfg, problems = composed.config, list(composed.problems)
     if cfg is not None:
-        problems += check(cfg)
+        problems += [_in_user_file(p, composed.choices, source) for p in check(cfg)]
     if problems or cfg is None:
         raise ConfigError(problems)
     return Job(tuple(overrides), cfg, validate_dict(cfg))
 
 
-def load_deployments(overrides: Sequence[str], *, sweep: bool = False) -> list[Job]:
+def _in_user_file(problem: Problem, choices: dict[str, str], source: ConfigSource) -> Problem:
+    """The problem, naming the user's option file that set its group (if the user's)."""
+    group = problem.path.split(".", 1)[0].split("[", 1)[0]
+    file = source.user_file(group, choices[group]) if group in choices else None
+    if file is None:
+        return problem
+    return Problem(problem.path, f"{problem.message} (set in {file})", problem.expected,
+                   problem.hint)  # fmt: skip
+
+
+def load_deployments(
+    overrides: Sequence[str], source: ConfigSource | None = None, *, sweep: bool = False
+) -> list[Job]:
     """Compose and validate one deployment, or every job of a sweep before any job runs.
 
     For a sweep, the problems of all invalid combinations are reported together, each path
     prefixed by the job's overrides, so that nothing is launched when one combination is wrong.
     """
     if not sweep:
-        return [load_deployment(overrides)]
+        return [load_deployment(overrides, source)]
     from glmdeploy.config.sweep import expand_sweep
 
     jobs: list[Job] = []
@@ -51,7 +66,7 @@ def load_deployments(overrides: Sequence[str], *, sweep: bool = False) -> list[J
     for combo in combos:
         label = " ".join(combo)
         try:
-            jobs.append(load_deployment(combo))
+            jobs.append(load_deployment(combo, source))
         except ConfigError as exc:
             problems += [_in_job(label, p) for p in exc.problems]
     if problems:
@@ -66,9 +81,11 @@ def _in_job(label: str, problem: Problem) -> Problem:
     return Problem(f"[{label}] {problem.path}", problem.message, problem.expected, problem.hint)
 
 
-def compose_resolved_yaml(overrides: Sequence[str]) -> tuple[str, dict[str, Any]]:
+def compose_resolved_yaml(
+    overrides: Sequence[str], source: ConfigSource | None = None
+) -> tuple[str, dict[str, Any]]:
     """The resolved config as YAML text (as `--cfg job --resolve` prints it) and as a dict."""
     from omegaconf import OmegaConf
 
-    cfg = compose_dict(overrides)
+    cfg = compose_dict(overrides, source)
     return OmegaConf.to_yaml(OmegaConf.create(cfg)), cfg

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
-from glmdeploy.config.compose import SCHEMA_PATH
+from glmdeploy.config.locations import SCHEMA_PATH
 from glmdeploy.config.rules import semantic_problems
 from glmdeploy.config.settings import Deployment, deployment_from_dict
 from glmdeploy.problems import ConfigError, Problem, did_you_mean, one_of

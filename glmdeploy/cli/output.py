@@ -1,0 +1,31 @@
+"""How the CLI reports: JSON on stdout, problems and internal errors on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from glmdeploy.problems import GlmDeployError, render_problems
+
+
+def print_json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def report_error(exc: GlmDeployError, *, as_json: bool) -> None:
+    """Print an error's problems to stderr (and as JSON on stdout with --json)."""
+    if as_json:
+        payload = {"ok": False, "exit_code": int(exc.exit_code), "error": exc.title,
+                   "problems": [p.to_dict() for p in exc.problems]}  # fmt: skip
+        print_json(payload)
+    print(render_problems(exc.title, exc.problems), file=sys.stderr)
+
+
+def report_internal_error(exc: BaseException) -> None:
+    """A bug in glmdeploy: say so plainly; the traceback only with --debug."""
+    print(
+        f"internal error: {type(exc).__name__}: {exc}\n  hint: rerun with --debug for the "
+        "traceback and report it with the output of `glmdeploy doctor`",
+        file=sys.stderr,
+    )
