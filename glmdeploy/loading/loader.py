@@ -16,7 +16,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from glmdeploy.loading.embedded import materialize
 from glmdeploy.loading.verify import DeviceBytes
 from glmdeploy.planning.types import Plan
 from glmdeploy.problems import ConfigError, DoesNotFitError, HardwareError, LoadError, Problem
+
+if TYPE_CHECKING:
+    from glmdeploy.planning.deployment_plan import PlannedDeployment
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _HUB_LEGACY_FILES = ["*.json", "*.safetensors", "*.bin", "tokenizer.model", "modeling_chatglm.py"]
@@ -53,6 +56,8 @@ class LoadedModel:
         input_device: where inputs go (the embedding's execution device).
         offload_folder: where disk-offloaded weights not read in place are written.
         warnings: what the user should know (precision hazards, no tokenizer, …).
+        planned: the plan it was loaded for, with its resolved deployment (set by
+            `glmdeploy.load`; None when `load_model` is called directly).
     """
 
     model: Any
@@ -68,6 +73,7 @@ class LoadedModel:
     input_device: torch.device
     offload_folder: Path | None = None
     warnings: tuple[str, ...] = field(default=())
+    planned: PlannedDeployment | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
