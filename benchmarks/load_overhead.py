@@ -42,9 +42,10 @@ from glmdeploy.config.settings import (
     Strategy,
 )  # fmt: skip
 from glmdeploy.hardware.gpu_select import GpuAssignment
-from glmdeploy.loading.embedded import hf_config, materialize
+from glmdeploy.loading.embedded import materialize
 from glmdeploy.loading.loader import LoadedModel, load_model
-from glmdeploy.model.anatomy import build_anatomy
+from glmdeploy.model.hf_config import config_from_architecture
+from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.planning.strategies import plan_placement
 from glmdeploy.planning.types import DeviceSpec, Plan, device_map_for_transformers
 
@@ -94,7 +95,7 @@ def main() -> None:
     arch = SIZES[args.size]
     dep = deployment(arch)
     cpu_disk = [DeviceSpec("cpu", None, "cpu", 0), DeviceSpec("disk", None, "disk", 0)]
-    plan: Plan = plan_placement(dep, build_anatomy(hf_config(arch)), cpu_disk)
+    plan: Plan = plan_placement(dep, build_anatomy(config_from_architecture(arch)), cpu_disk)
     device_map = device_map_for_transformers(plan)
     assignment = GpuAssignment(GpuMode.CPU, ())
     with tempfile.TemporaryDirectory() as tmp:

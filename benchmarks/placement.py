@@ -31,12 +31,12 @@ from glmdeploy.config.settings import (
     SourceKind,
     Strategy,
 )
-from glmdeploy.model.anatomy import Anatomy, build_anatomy
-from glmdeploy.model.skeleton import meta_model
+from glmdeploy.model.anatomy import Anatomy
+from glmdeploy.model.skeleton import build_anatomy, meta_model
 from glmdeploy.planning.budget import hops
-from glmdeploy.planning.strategies import PlanDoesNotFit, plan_placement
+from glmdeploy.planning.strategies import plan_placement
 from glmdeploy.planning.transformers_map import transformers_device_map, unit_assignment
-from glmdeploy.planning.types import DeviceKey, DeviceSpec
+from glmdeploy.planning.types import DeviceKey, DeviceSpec, PlanDoesNotFit
 
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     # glm-4-9b-chat-hf is transformers' GlmForCausalLM (model_type glm), like conf/model/

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from glmdeploy.config.locations import ConfigSource
     from glmdeploy.config.settings import Deployment
     from glmdeploy.inference.runner import BenchResult, GenerateResult
     from glmdeploy.loading.loader import LoadedModel
@@ -51,10 +52,24 @@ def compose(
         ConfigError: every problem of the overrides and of the composed config.
     """
     from glmdeploy.config.deployments import load_deployment
-    from glmdeploy.config.locations import config_source
 
-    dirs = [config_dir] if isinstance(config_dir, str | Path) else list(config_dir or ())
-    return load_deployment(overrides, config_source(dirs, config_name)).deployment
+    return load_deployment(overrides, _source(config_dir, config_name)).deployment
+
+
+def compose_config(
+    overrides: Sequence[str] = (),
+    *,
+    config_dir: ConfigDirs = None,
+    config_name: str | None = None,
+) -> dict[str, Any]:
+    """The composed, resolved config as a plain dict (what `glmdeploy show --json` prints).
+
+    Raises:
+        ConfigError: overrides that cannot be applied (the config itself is not validated).
+    """
+    from glmdeploy.config.compose import compose_dict
+
+    return compose_dict(overrides, _source(config_dir, config_name))
 
 
 def validate(config: Mapping[str, Any]) -> Deployment:
@@ -106,7 +121,7 @@ def load(
     from glmdeploy.planning.deployment_plan import PlannedDeployment
 
     planned = target if isinstance(target, PlannedDeployment) else plan(target)
-    loaded = load_model(planned.deployment, planned.plan, planned.assignment,
+    loaded = load_model(planned.requested or planned.deployment, planned.plan, planned.assignment,
                         offload_folder=offload_folder, progress=progress)  # fmt: skip
     return dataclasses.replace(loaded, planned=planned)
 
@@ -125,6 +140,13 @@ def bench(loaded: LoadedModel, *, repeats: int = 5) -> BenchResult:
     from glmdeploy.inference.runner import bench as run_bench
 
     return run_bench(loaded, _runtime(loaded, None, None), repeats=repeats)
+
+
+def _source(config_dir: ConfigDirs, config_name: str | None) -> ConfigSource:
+    from glmdeploy.config.locations import config_source
+
+    dirs = [config_dir] if isinstance(config_dir, str | Path) else list(config_dir or ())
+    return config_source(dirs, config_name)
 
 
 def _deployment(value: Deployment | Mapping[str, Any] | Sequence[str]) -> Deployment:

@@ -6,16 +6,22 @@ run record (`glmdeploy.records.record`) in its Hydra run directory, `ok`, `faile
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from glmdeploy.config.settings import Deployment
 from glmdeploy.problems import ExitCode
+
+if TYPE_CHECKING:
+    from glmdeploy.loading.loader import LoadedModel
+    from glmdeploy.planning.deployment_plan import PlannedDeployment
+    from glmdeploy.planning.types import Plan
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -32,26 +38,27 @@ class JobContext:
     save: str | None = None
     results: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    plan: Any = None  # the Plan, once planned
+    plan: Plan | None = None  # once planned
 
     def say(self, text: str) -> None:
         """Progress for humans: stdout normally, stderr under --json (stdout is the JSON)."""
         print(text, file=sys.stderr if self.json else sys.stdout, flush=True)
 
 
-def _step(ctx: JobContext, name: str, fn: Callable[[], Any]) -> Any:
+def _step(ctx: JobContext, name: str, fn: Callable[[], _T]) -> _T:
     start = time.perf_counter()
     out = fn()
     ctx.timings[name] = round(time.perf_counter() - start, 4)
     return out
 
 
-def _plan(ctx: JobContext) -> Any:
+def _plan(ctx: JobContext) -> PlannedDeployment:
+    from glmdeploy import api
     from glmdeploy.cli.render import plan_json, print_plan
-    from glmdeploy.planning.deployment_plan import DeploymentDoesNotFit, plan_deployment, save_plan
+    from glmdeploy.planning.deployment_plan import DeploymentDoesNotFit, save_plan
 
     try:
-        planned = _step(ctx, "plan", lambda: plan_deployment(ctx.deployment))
+        planned = _step(ctx, "plan", lambda: api.plan(ctx.deployment))
     except DeploymentDoesNotFit as exc:
         ctx.plan = exc.planned.plan
         if not ctx.json:
@@ -68,21 +75,13 @@ def _plan(ctx: JobContext) -> Any:
     return planned
 
 
-def _load(ctx: JobContext, planned: Any) -> Any:
-    from transformers.utils import logging as hf_logging
-
-    from glmdeploy.loading.loader import load_model
-
-    # glmdeploy reports what it loaded and where; transformers' own bars and notes are noise here.
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    logging.getLogger("accelerate").setLevel(logging.ERROR)
+def _load(ctx: JobContext, planned: PlannedDeployment) -> LoadedModel:
+    from glmdeploy import api
 
     folder = ctx.deployment.placement.offload_folder
     offload = Path(folder) if folder else (ctx.run_dir / "offload" if ctx.run_dir else None)
-    loaded = _step(ctx, "load", lambda: load_model(
-        ctx.deployment, planned.plan, planned.assignment, offload_folder=offload,
-        progress=not ctx.json))  # fmt: skip
+    loaded = _step(ctx, "load", lambda: api.load(planned, offload_folder=offload,
+                                                 progress=not ctx.json))  # fmt: skip
     ctx.results["load"] = loaded.to_dict()
     ctx.say(
         f"loaded {loaded.checkpoint} as {type(loaded.model).__name__} in "
@@ -103,7 +102,7 @@ def _load(ctx: JobContext, planned: Any) -> Any:
     return loaded
 
 
-def _generate(ctx: JobContext, loaded: Any) -> None:
+def _generate(ctx: JobContext, loaded: LoadedModel) -> None:
     from glmdeploy.inference.runner import generate
 
     result = _step(ctx, "generate", lambda: generate(loaded, ctx.deployment.runtime))
@@ -113,7 +112,7 @@ def _generate(ctx: JobContext, loaded: Any) -> None:
         ctx.say(f"generated {len(ids)} tokens in {result.seconds:.2f} s (sequence {i}): {shown}")
 
 
-def _bench(ctx: JobContext, loaded: Any) -> None:
+def _bench(ctx: JobContext, loaded: LoadedModel) -> None:
     from glmdeploy.cli.render import print_bench
     from glmdeploy.inference.runner import bench
 
@@ -195,7 +194,8 @@ def replay_run(run_dir: Path, *, json_out: bool = False) -> int:
     `<run dir>/replays/<time>/`.
     """
     from glmdeploy.config.validate import validate_dict
-    from glmdeploy.records.record import checkpoint_facts, environment_facts, read_record
+    from glmdeploy.hardware.environment import environment_facts
+    from glmdeploy.records.record import checkpoint_facts, read_record
     from glmdeploy.records.replay import differences
 
     record = read_record(run_dir)

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glmdeploy.config.settings import GIB, GpuMode
 from glmdeploy.planning.deployment_plan import PlannedDeployment, describe_source
-from glmdeploy.planning.types import BudgetRow, Plan
+from glmdeploy.planning.types import Plan, device_label
+
+if TYPE_CHECKING:
+    from glmdeploy.inference.runner import BenchResult
 
 
 def gib(n: int) -> str:
     return f"{n / GIB:.2f}"
-
-
-def _device_label(row: BudgetRow, logical: dict[int, int]) -> str:
-    if isinstance(row.device, int):
-        cuda = f" → cuda:{logical[row.device]}" if row.device in logical else ""
-        return f"GPU {row.device}{cuda}"
-    return str(row.device)
 
 
 def plan_table(planned: PlannedDeployment) -> Any:
@@ -40,7 +36,9 @@ def plan_table(planned: PlannedDeployment) -> Any:
     for col in ("params", "weights", "KV", "work", "reserve", "total", "capacity", "used"):
         table.add_column(col, justify="right", no_wrap=True)
     for row in plan.rows:
-        label = _device_label(row, logical)
+        label = device_label(
+            row.device, logical.get(row.device) if isinstance(row.device, int) else None
+        )
         if isinstance(row.device, int) and row.device in names:
             label += f"\n{names[row.device]}"
         util = "—" if row.capacity_bytes == 0 else f"{row.utilisation:.0%}"
@@ -111,7 +109,7 @@ def plan_json(planned: PlannedDeployment) -> dict[str, Any]:
     }
 
 
-def print_bench(result: Any) -> None:
+def print_bench(result: BenchResult) -> None:
     """The `bench` table: speed, then memory and plan-vs-actual bytes per device."""
     from rich import box
     from rich.console import Console

@@ -93,7 +93,8 @@ def launch_sweep(
 
 def _mark_interrupted(root: Path, n_jobs: int) -> None:
     """After Ctrl-C: a record still `running` (its process died first) becomes `interrupted`."""
-    from glmdeploy.records.record import read_record, write_atomic
+    from glmdeploy import atomic
+    from glmdeploy.records.record import read_record
 
     for num in range(n_jobs):
         run_json = root / str(num) / "run.json"
@@ -103,4 +104,4 @@ def _mark_interrupted(root: Path, n_jobs: int) -> None:
         if record.status == "running":
             record.status = "interrupted"
             record.error = {"title": "interrupted", "exit_code": int(ExitCode.INTERRUPTED)}
-            write_atomic(run_json, json.dumps(record.to_dict(), indent=2, default=str) + "\n")
+            atomic.write_text(run_json, json.dumps(record.to_dict(), indent=2, default=str) + "\n")

@@ -68,6 +68,11 @@ class Offload(enum.StrEnum):
     CPU = "cpu"
     DISK = "disk"  # cpu first, then disk
 
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The off-GPU devices this setting allows, in the order they fill."""
+        return {"none": (), "cpu": ("cpu",), "disk": ("cpu", "disk")}[self.value]
+
 
 @dataclass(frozen=True)
 class Architecture:

@@ -9,7 +9,6 @@ own process, as the CLI does.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
@@ -19,19 +18,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from glmdeploy.config.settings import GIB, Deployment, GpuMode, GpuSelection
+from glmdeploy.hardware.environment import package_versions, relevant_environment
 from glmdeploy.hardware.gpu_select import GpuAssignment, select_gpus
 from glmdeploy.hardware.nvml import GpuInfo, HardwareSnapshot, Nvml, probe
 from glmdeploy.problems import GlmDeployError
-
-PACKAGES = (
-    "glmdeploy", "torch", "transformers", "accelerate", "safetensors", "hydra-core",
-    "bitsandbytes", "nvidia-ml-py",
-)  # fmt: skip
-ENV_VARS = (
-    "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "PYTORCH_CUDA_ALLOC_CONF", "HF_HOME",
-    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS",
-)  # fmt: skip
-NOT_INSTALLED = "not installed"
 
 
 @dataclass(frozen=True)
@@ -88,11 +78,11 @@ def collect_report(
     return DoctorReport(
         python=f"{platform.python_version()} ({platform.python_implementation()}) {sys.executable}",
         platform=platform.platform(),
-        packages={name: _version(name) for name in PACKAGES},
+        packages=package_versions(),
         torch_cuda=facts,
         cuda=describe_cuda(facts, snapshot, env),
         hardware=snapshot,
-        environment=_environment(env),
+        environment=relevant_environment(env),
         selection=selection,
         findings=tuple(diagnose(facts, snapshot, env) + findings),
     )
@@ -214,19 +204,6 @@ def render_report(report: DoctorReport) -> str:
     if report.fit is not None:
         lines.append(f"- fit: {report.fit}")
     return "\n".join(lines)
-
-
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return NOT_INSTALLED
-
-
-def _environment(env: Mapping[str, str]) -> dict[str, str | None]:
-    shown: dict[str, str | None] = {name: env.get(name) for name in ENV_VARS}
-    shown.update({k: v for k, v in sorted(env.items()) if k.startswith("NCCL_")})
-    return shown
 
 
 def _major(version: str) -> int:

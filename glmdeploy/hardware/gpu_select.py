@@ -20,6 +20,7 @@ from glmdeploy.hardware.nvml import (
     SnapshotSource,
     cuda_devices_in_use,
     declared_snapshot,
+    uuid_key,
 )
 from glmdeploy.problems import ConfigError, HardwareError, Problem
 
@@ -147,7 +148,7 @@ def apply_environment(
         return
     seen = cuda_probe()
     wanted = [d.uuid for d in assignment.devices]
-    if seen is not None and [_uuid_key(u) for u in seen] != [_uuid_key(u) for u in wanted]:
+    if seen is not None and [uuid_key(u) for u in seen] != [uuid_key(u) for u in wanted]:
         settings = " ".join(f"{k}={v}" for k, v in sorted(assignment.env.items()))
         message = f"CUDA is already initialised in this process, seeing {len(seen)} GPU(s) "
         message += f"instead of exactly GPUs {_ids(assignment.physical_ids)}"
@@ -273,11 +274,6 @@ def _least_used(
 
 def _order_is_not_pci(env: Mapping[str, str]) -> bool:
     return ORDER in env and env[ORDER].strip() != "PCI_BUS_ID"
-
-
-def _uuid_key(uuid: str) -> str:
-    """NVML writes `GPU-8932f937-…`, torch `8932f937-…`: compare the hex digits only."""
-    return re.sub(r"[^0-9a-f]", "", uuid.lower().removeprefix("gpu-"))
 
 
 def _visible(snapshot: HardwareSnapshot) -> str:

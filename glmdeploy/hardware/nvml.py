@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -252,6 +253,11 @@ def _optional(read: Callable[[], _T], default: _T) -> _T:
 
 def _cuda_version_text(encoded: int) -> str:
     return f"{encoded // 1000}.{encoded % 1000 // 10}"
+
+
+def uuid_key(uuid: str) -> str:
+    """A GPU UUID's hex digits: NVML writes `GPU-8932f937-…`, torch `8932f937-…`, CUDA raw bytes."""
+    return re.sub(r"[^0-9a-f]", "", uuid.lower().removeprefix("gpu-"))
 
 
 def _text(value: str | bytes) -> str:

@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from glmdeploy.config.settings import Runtime
-from glmdeploy.loading.loader import LoadedModel
+from glmdeploy.loading.loader import LoadedModel, quiet_transformers
 from glmdeploy.loading.verify import DeviceBytes
 from glmdeploy.problems import ConfigError, Problem
 
@@ -111,7 +111,7 @@ def generate(
     ids = prompt_ids(loaded, runtime) if input_ids is None else input_ids
     config = _greedy_config(loaded, runtime, ids.shape[1])
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), quiet_transformers():
         out = loaded.model.generate(
             ids.to(loaded.input_device),
             attention_mask=torch.ones_like(ids).to(loaded.input_device),
@@ -149,7 +149,7 @@ def bench(loaded: LoadedModel, runtime: Runtime, repeats: int = 5) -> BenchResul
     mask = torch.ones_like(ids).to(loaded.input_device)
     for run in range(repeats + 1):
         clock = _TokenClock()
-        with torch.inference_mode():
+        with torch.inference_mode(), quiet_transformers():
             started = time.perf_counter()
             loaded.model.generate(inputs, attention_mask=mask, generation_config=config,
                                   streamer=clock)  # fmt: skip

@@ -23,8 +23,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 
+from glmdeploy import atomic
 from glmdeploy.loading.checkpoint import SAFETENSORS_INDEX, TensorInfo, fingerprint, iter_tensors
 from glmdeploy.loading.checkpoint import list_tensors as list_checkpoint_tensors
+from glmdeploy.model.hf_config import MODELING_SOURCE, modeling_source, read_config_json
 from glmdeploy.model.legacy_chatglm import (
     INV_FREQ,
     check_tensors,
@@ -37,7 +39,6 @@ from glmdeploy.problems import LoadError, Problem
 CONVERTER_VERSION = 1  # bump when the output of a conversion changes: invalidates cached ones
 MARKER = "glmdeploy-conversion.json"  # written last into a cached conversion
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-MODELING_SOURCE = "modeling_chatglm.py"  # read as text to tell how rope_ratio is used, never run
 _SIDE_FILES = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
                "generation_config.json")  # fmt: skip
 
@@ -52,33 +53,6 @@ class ConvertResult:
     total_bytes: int
     shards: tuple[str, ...]
     copied: tuple[str, ...]  # tokenizer and generation files copied from src
-
-
-def read_config_json(directory: Path) -> dict[str, Any]:
-    """The checkpoint's config.json as a dict.
-
-    Raises:
-        LoadError: the directory or its config.json is missing, or the file is not a JSON object.
-    """
-    path = Path(directory) / "config.json"
-    if not Path(directory).is_dir():
-        what = "is not a directory" if Path(directory).exists() else "does not exist"
-        raise LoadError([Problem(str(directory), f"the checkpoint directory {what}")])
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        hint = "a checkpoint directory needs the config.json it was published with"
-        raise LoadError([Problem(str(path), "missing", hint=hint)]) from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError([Problem(str(path), f"cannot read it: {exc}")]) from exc
-    if not isinstance(config, dict):
-        raise LoadError([Problem(str(path), "not a JSON object")])
-    return config
-
-
-def _modeling_source(directory: Path) -> str | None:
-    path = directory / MODELING_SOURCE
-    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
 
 
 def convert_checkpoint(
@@ -114,7 +88,7 @@ def convert_checkpoint(
         found = f"model_type is {legacy.get('model_type')!r}, not a legacy ChatGLM checkpoint"
         hint = "transformers loads it as it is"
         raise LoadError([Problem(f"{config_path}:model_type", found, "chatglm", hint)])
-    native = native_config_dict(legacy, modeling_source=_modeling_source(src), source=config_path)
+    native = native_config_dict(legacy, modeling_source=modeling_source(src), source=config_path)
     from transformers import GlmConfig
 
     config = GlmConfig(**native)  # transformers checks it before any weight is read
@@ -278,7 +252,5 @@ def ensure_native(src: Path, cache_root: Path, *, progress: bool = True) -> Path
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "shards": list(result.shards),
     }
-    partial = target / f".{MARKER}.tmp"
-    partial.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, target / MARKER)
+    atomic.write_text(target / MARKER, json.dumps(record, indent=2) + "\n")
     return target

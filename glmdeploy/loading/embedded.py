@@ -3,7 +3,7 @@
 The weights are what `AutoModelForCausalLM.from_config` initialises after `torch.manual_seed(seed)`
 (fp32, CPU), saved with `save_pretrained` (config.json + model.safetensors). The cache key covers
 the architecture, the seed and the torch/transformers versions (their initialisers decide values).
-torch and transformers are imported only when needed, so planning code may use `hf_config`.
+torch and transformers are imported only when needed.
 A checkpoint is written into a temporary directory beside its final place, a marker file last, and
 renamed into place; a directory with the marker is complete and reused.
 """
@@ -21,8 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from glmdeploy import atomic
 from glmdeploy.config.settings import Architecture
-from glmdeploy.problems import ConfigError, LoadError, Problem
+from glmdeploy.model.hf_config import config_from_architecture
+from glmdeploy.problems import LoadError, Problem
 
 CACHE_ENV = "GLMDEPLOY_CACHE"  # replaces ~/.cache/glmdeploy
 MARKER = "glmdeploy-materialized.json"  # written last: its presence means the directory is complete
@@ -45,26 +47,6 @@ def embedded_key(architecture: Architecture, seed: int) -> str:
         "version": MATERIALIZE_VERSION,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def hf_config(architecture: Architecture) -> Any:
-    """The transformers config of `architecture`; token ids the vocabulary lacks are dropped.
-
-    Family defaults (GLM's pad id 151329) exceed a small vocabulary; an out-of-range padding index
-    makes `nn.Embedding` refuse to build.
-    """
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.for_model(architecture.model_type, **architecture.to_hf_kwargs())
-    except (ValueError, KeyError, TypeError) as exc:
-        message = f"transformers cannot build a config for model_type {architecture.model_type!r}"
-        raise ConfigError([Problem("model.architecture", f"{message}: {exc}")]) from exc
-    for name in ("pad_token_id", "bos_token_id"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not 0 <= value < architecture.vocab_size:
-            setattr(config, name, None)
-    return config
 
 
 def materialize(architecture: Architecture, seed: int, root: Path | None = None) -> Path:
@@ -105,7 +87,7 @@ def _write(directory: Path, architecture: Architecture, seed: int, key: str) -> 
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = hf_config(architecture)
+    config = config_from_architecture(architecture)
     # fork_rng: seeding must not disturb the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -120,9 +102,7 @@ def _write(directory: Path, architecture: Architecture, seed: int, key: str) -> 
         "transformers": importlib.metadata.version("transformers"),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    partial = directory / f".{MARKER}.tmp"
-    partial.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, directory / MARKER)
+    atomic.write_text(directory / MARKER, json.dumps(record, indent=2) + "\n")
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:

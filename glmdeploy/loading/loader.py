@@ -9,11 +9,14 @@ is never moved.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,10 +28,11 @@ from glmdeploy.hardware.gpu_select import GpuAssignment, apply_environment, to_l
 from glmdeploy.hardware.precision import ResolvedPrecision, resolve_precision, selected_gpus
 from glmdeploy.loading import verify
 from glmdeploy.loading.checkpoint import list_tensors
-from glmdeploy.loading.convert import ensure_native, read_config_json
+from glmdeploy.loading.convert import ensure_native
 from glmdeploy.loading.embedded import cache_root as default_cache_root
 from glmdeploy.loading.embedded import materialize
 from glmdeploy.loading.verify import DeviceBytes
+from glmdeploy.model.hf_config import read_config_json
 from glmdeploy.planning.types import Plan
 from glmdeploy.problems import ConfigError, DoesNotFitError, HardwareError, LoadError, Problem
 
@@ -145,8 +149,9 @@ def load_model(
         (root / "offload").mkdir(parents=True, exist_ok=True)
         folder = tempfile.mkdtemp(prefix="offload-", dir=root / "offload")
     started = time.perf_counter()
-    model = _from_pretrained(deployment.model.source, location, logical, plan, assignment,
-                             precision, folder)  # fmt: skip
+    with quiet_transformers():
+        model = _from_pretrained(deployment.model.source, location, logical, plan, assignment,
+                                 precision, folder)  # fmt: skip
     load_seconds = time.perf_counter() - started
     if temporary:  # the model reads it until it is garbage-collected
         weakref.finalize(model, shutil.rmtree, str(folder), True)
@@ -160,6 +165,28 @@ def load_model(
         prepare_seconds, load_seconds, verify_seconds, verify.input_device(model),
         Path(folder).expanduser() if folder else None, (*precision.warnings, *warnings, *note),
     )  # fmt: skip
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """glmdeploy reports what it loaded and where: transformers' and accelerate's own progress
+    bars and notes are noise while loading (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    accelerate = logging.getLogger("accelerate")
+    level = accelerate.level
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    accelerate.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+        accelerate.setLevel(level)
 
 
 def resolve_checkpoint(

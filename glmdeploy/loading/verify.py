@@ -14,7 +14,6 @@ indices as ints, "cpu", "disk".
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,8 @@ from typing import Any
 import torch
 
 from glmdeploy.hardware.gpu_select import GpuAssignment, to_logical
-from glmdeploy.planning.types import DeviceKey, Plan
+from glmdeploy.hardware.nvml import uuid_key
+from glmdeploy.planning.types import DeviceKey, Plan, device_label
 from glmdeploy.problems import HardwareError, LoadError, Problem
 
 _REPORT = "this is a bug in glmdeploy or transformers/accelerate: please report it"
@@ -44,9 +44,7 @@ class DeviceBytes:
 
     @property
     def label(self) -> str:
-        if isinstance(self.device, int):
-            return f"cuda:{self.device} (GPU {self.plan_device})"
-        return str(self.device)
+        return device_label(self.plan_device, self.device if isinstance(self.device, int) else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,7 +75,8 @@ def check_visible_gpus(assignment: GpuAssignment) -> None:
         seen = None
         if device.logical_id < count:
             seen = str(torch.cuda.get_device_properties(device.logical_id).uuid)
-        if assignment.source == "nvml" and (seen is None or _hex(seen) != _hex(device.uuid)):
+        same = seen is not None and uuid_key(seen) == uuid_key(device.uuid)
+        if assignment.source == "nvml" and not same:
             message = f"cuda:{device.logical_id} is not GPU {device.physical_id} ({device.uuid})"
             hint = "CUDA initialised before glmdeploy set CUDA_VISIBLE_DEVICES: use a fresh process"
             raise HardwareError([Problem("CUDA_VISIBLE_DEVICES", message, hint=hint)])
@@ -215,7 +214,3 @@ def _text(device: Any) -> str:
 def _few(names: list[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _hex(uuid: str) -> str:
-    return re.sub(r"[^0-9a-f]", "", uuid.lower().removeprefix("gpu-"))

@@ -219,23 +219,3 @@ class Anatomy:
             if name in group.units:
                 return group.units[0]
         return name
-
-
-_CACHE: dict[str, Anatomy] = {}
-
-
-def build_anatomy(hf_config: Any) -> Anatomy:
-    """The anatomy of `AutoModelForCausalLM.from_config(hf_config)`, cached per config.
-
-    Args:
-        hf_config: a `transformers.PretrainedConfig` in native names.
-
-    Raises:
-        ConfigError: transformers cannot build a causal LM from this config.
-    """
-    from glmdeploy.model import skeleton
-
-    key = skeleton.config_key(hf_config)
-    if key not in _CACHE:
-        _CACHE[key] = skeleton.anatomy_from_config(hf_config)
-    return _CACHE[key]

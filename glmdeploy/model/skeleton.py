@@ -20,6 +20,7 @@ from typing import Any
 
 from glmdeploy.config.settings import Dtype
 from glmdeploy.model.anatomy import INT4_BLOCK, Anatomy, Tally, TiedGroup, Unit
+from glmdeploy.model.hf_config import without_stray_token_ids
 from glmdeploy.problems import ConfigError, Problem
 
 _FIELDS = [f.name for f in fields(Tally)]
@@ -37,10 +38,7 @@ def meta_model(hf_config: Any, dtype: str = "bfloat16") -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = copy.deepcopy(hf_config)
-    pad = getattr(cfg, "pad_token_id", None)
-    if isinstance(pad, int) and pad >= cfg.vocab_size:
-        cfg.pad_token_id = None  # a family default beyond a smaller vocab; irrelevant to sizes
+    cfg = without_stray_token_ids(copy.deepcopy(hf_config))
     try:
         with torch.device("meta"):
             auto: Any = AutoModelForCausalLM  # untyped upstream
@@ -52,8 +50,26 @@ def meta_model(hf_config: Any, dtype: str = "bfloat16") -> Any:
         raise ConfigError([Problem("model.architecture", message, hint=hint)]) from exc
 
 
+_CACHE: dict[str, Anatomy] = {}
+
+
+def build_anatomy(hf_config: Any) -> Anatomy:
+    """The anatomy of `AutoModelForCausalLM.from_config(hf_config)`, cached per config.
+
+    Args:
+        hf_config: a `transformers.PretrainedConfig` in native names.
+
+    Raises:
+        ConfigError: transformers cannot build a causal LM from this config.
+    """
+    key = config_key(hf_config)
+    if key not in _CACHE:
+        _CACHE[key] = anatomy_from_config(hf_config)
+    return _CACHE[key]
+
+
 def anatomy_from_config(hf_config: Any) -> Anatomy:
-    """Build the anatomy (see `glmdeploy.model.anatomy.build_anatomy`, which caches this)."""
+    """Build the anatomy (`build_anatomy` caches it)."""
     import torch
 
     model = meta_model(hf_config)

@@ -20,6 +20,7 @@ from glmdeploy.planning.types import (
     Fingerprint,
     Hop,
     Plan,
+    device_label,
     summarise,
 )
 
@@ -174,7 +175,7 @@ def _notes(
         if leader in assignment:
             notes.append(
                 f"{', '.join(followers)} shares its weight with {leader} (tied): both on "
-                f"{_text(assignment[leader])}, counted once"
+                f"{device_label(assignment[leader])}, counted once"
             )
     if offloaded_bytes:
         disk_bytes = sum(memory.unit_weights[i] for i in on.get("disk", []))
@@ -182,15 +183,11 @@ def _notes(
         disk = f" ({disk_bytes / GIB:.2f} GiB read from disk at {DISK_BYTES_PER_S / 1e9:.0f} GB/s)"
         notes.append(
             f"offload: {offloaded_bytes / GIB:.2f} GiB of weights live off-GPU and are copied to "
-            f"{_text(execution)} on every forward pass (every generated token)"
+            f"{device_label(execution)} on every forward pass (every generated token)"
             f"{disk if disk_bytes else ''}: "
             f"≥ {seconds * 1e3:.0f} ms/token at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s PCIe"
         )
     return notes
-
-
-def _text(device: DeviceKey | None) -> str:
-    return f"GPU {device}" if isinstance(device, int) else str(device)
 
 
 def fingerprint(

@@ -14,31 +14,30 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from glmdeploy import atomic
 from glmdeploy.config.settings import (
-    CheckpointLayout,
     Deployment,
     GpuMode,
-    ModelSpec,
-    Offload,
     SourceKind,
     Strategy,
 )
 from glmdeploy.hardware.gpu_select import GpuAssignment, select_gpus
 from glmdeploy.hardware.nvml import HardwareSnapshot, declared_snapshot, probe
 from glmdeploy.hardware.precision import resolve_dtype, selected_gpus
-from glmdeploy.model.anatomy import Anatomy, build_anatomy
-from glmdeploy.planning.strategies import PlanDoesNotFit, current_fingerprint, plan_placement
-from glmdeploy.planning.types import DeviceSpec, Plan
-from glmdeploy.problems import ConfigError, DoesNotFitError, LoadError, Problem
+from glmdeploy.model.anatomy import Anatomy
+from glmdeploy.model.hf_config import hf_config_for
+from glmdeploy.model.skeleton import build_anatomy
+from glmdeploy.planning.strategies import current_fingerprint, plan_placement
+from glmdeploy.planning.types import DeviceSpec, Plan, PlanDoesNotFit
+from glmdeploy.problems import ConfigError, Problem
 
 
 @dataclass(frozen=True)
 class PlannedDeployment:
     """Everything `plan` computed, which `load` needs and run records keep.
 
-    `deployment` has its dtype resolved (never `auto`).
+    `deployment` has its dtype resolved (never `auto`); `requested` is the deployment as given.
     """
 
     deployment: Deployment
@@ -48,13 +47,14 @@ class PlannedDeployment:
     devices: tuple[DeviceSpec, ...]
     plan: Plan
     dtype_reason: str = ""  # why this dtype (precision=auto resolves per GPU)
+    requested: Deployment | None = None
 
 
-class DeploymentDoesNotFit(DoesNotFitError):
-    """No placement fits; carries the best attempt so that it can be shown."""
+class DeploymentDoesNotFit(PlanDoesNotFit):
+    """No placement fits; `planned` is the best attempt with everything it was planned for."""
 
     def __init__(self, problems: list[Problem], planned: PlannedDeployment) -> None:
-        super().__init__(problems)
+        super().__init__(problems, planned.plan)
         self.planned = planned
 
 
@@ -68,69 +68,6 @@ def hardware_for(deployment: Deployment) -> HardwareSnapshot:
     return probe()
 
 
-def hf_config_for(model: ModelSpec) -> Any:
-    """The transformers config in native names: from the architecture facts or the checkpoint."""
-    from transformers import AutoConfig, GlmConfig
-
-    arch = model.architecture
-    if arch is not None:
-        try:
-            kwargs = arch.to_hf_kwargs()
-            default_pad = AutoConfig.for_model(arch.model_type).pad_token_id
-            if isinstance(default_pad, int) and default_pad >= arch.vocab_size:
-                kwargs["pad_token_id"] = None  # the family's pad id lies beyond a smaller vocab
-            return AutoConfig.for_model(arch.model_type, **kwargs)
-        except ValueError as exc:
-            raise ConfigError(
-                [
-                    Problem(
-                        "model.architecture.model_type",
-                        str(exc).splitlines()[0],
-                        "a model_type known to the installed transformers",
-                        "e.g. glm, glm4, llama, qwen2, glm4_moe",
-                    )
-                ]
-            ) from exc
-    path = Path(model.source.path or "").expanduser()
-    config_file = path / "config.json"
-    try:
-        raw = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LoadError(
-            [
-                Problem(
-                    str(config_file),
-                    f"cannot read config.json: {exc}",
-                    "the checkpoint's config.json",
-                    "point model.source.path at a Hugging Face checkpoint",
-                )
-            ]
-        ) from exc
-    from glmdeploy.model.legacy_chatglm import is_legacy_chatglm, native_config_dict
-
-    if is_legacy_chatglm(raw) or model.source.layout is CheckpointLayout.CHATGLM:
-        modeling = path / "modeling_chatglm.py"
-        source = modeling.read_text() if modeling.is_file() else None
-        native = native_config_dict(raw, modeling_source=source, source=str(config_file))
-        native.pop("model_type", None)
-        return GlmConfig(**native)
-    try:
-        return AutoConfig.from_pretrained(
-            str(path), trust_remote_code=model.source.trust_remote_code
-        )
-    except (ValueError, OSError, KeyError) as exc:
-        raise LoadError(
-            [
-                Problem(
-                    str(config_file),
-                    f"transformers cannot read it: {exc}",
-                    hint="set model.source.trust_remote_code=true only if you trust "
-                    "the checkpoint's code, or give the architecture explicitly",
-                )
-            ]
-        ) from exc
-
-
 def offload_devices(
     deployment: Deployment, *, has_gpus: bool, run_dir: Path | None = None
 ) -> list[DeviceSpec]:
@@ -139,8 +76,7 @@ def offload_devices(
     Without GPUs the CPU runs the model, so it is always offered then.
     """
     placement = deployment.placement
-    wanted = {Offload.NONE: (), Offload.CPU: ("cpu",), Offload.DISK: ("cpu", "disk")}
-    keys = list(wanted[placement.offload])
+    keys = list(placement.offload.devices)
     if not has_gpus and "cpu" not in keys:
         keys.insert(0, "cpu")
     specs: list[DeviceSpec] = []
@@ -180,6 +116,7 @@ def plan_deployment(
         ConfigError, HardwareError: the config or the GPUs are wrong.
         DoesNotFitError: nothing fits; its problems name the cheapest fixes.
     """
+    requested = deployment
     snapshot = snapshot if snapshot is not None else hardware_for(deployment)
     assignment = select_gpus(deployment.gpus, snapshot, os.environ if env is None else env)
     # Plan in the dtype the loader will use (auto: bf16 where every selected GPU has it).
@@ -188,7 +125,7 @@ def plan_deployment(
         deployment, precision=dataclasses.replace(deployment.precision, dtype=dtype)
     )
     gpu_specs = [
-        DeviceSpec(d.physical_id, d.physical_id, d.name, d.capacity_bytes)
+        DeviceSpec(d.physical_id, d.physical_id, d.name, d.capacity_bytes, d.compute_capability)
         for d in assignment.devices
     ]
     devices = (*gpu_specs, *offload_devices(deployment, has_gpus=bool(gpu_specs)))
@@ -199,11 +136,11 @@ def plan_deployment(
         try:
             plan = plan_placement(deployment, anatomy, devices, weights_only=weights_only)
         except PlanDoesNotFit as exc:
-            best = PlannedDeployment(
-                deployment, snapshot, assignment, anatomy, devices, exc.plan, dtype_reason
-            )
+            best = PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, exc.plan,
+                                     dtype_reason, requested)  # fmt: skip
             raise DeploymentDoesNotFit(exc.problems, best) from exc
-    return PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, plan, dtype_reason)
+    return PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, plan, dtype_reason,
+                             requested)  # fmt: skip
 
 
 def restore_plan(deployment: Deployment, anatomy: Anatomy, devices: tuple[DeviceSpec, ...]) -> Plan:
@@ -232,9 +169,7 @@ def restore_plan(deployment: Deployment, anatomy: Anatomy, devices: tuple[Device
 
 def save_plan(plan: Plan, path: Path) -> None:
     """Write a plan as JSON, atomically (a temp file renamed over the target)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
 
 
 def describe_source(deployment: Deployment) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from glmdeploy.config.settings import MapEntry, Offload
 from glmdeploy.model.anatomy import Anatomy, Unit
 from glmdeploy.model.chatglm_names import module_name_hint
-from glmdeploy.planning.types import DeviceKey, summarise
+from glmdeploy.planning.types import DeviceKey, device_label, summarise
 from glmdeploy.problems import Problem, did_you_mean
 
 _RANGE = re.compile(r"^(.*?)(\d+)-(\d+)(.*)$")
@@ -70,7 +70,7 @@ def check_explicit_map(
     """
     problems: list[Problem] = []
     gpus = [k for k in selected if isinstance(k, int)]
-    allowed = {Offload.NONE: (), Offload.CPU: ("cpu",), Offload.DISK: ("cpu", "disk")}[offload]
+    allowed = offload.devices
     for i, entry in enumerate(entries):
         problems += _device_problems(i, entry.device, gpus, allowed)
 
@@ -135,10 +135,6 @@ def check_explicit_map(
 def _tensors(unit: Unit) -> tuple[str, ...]:
     """What must be covered: parameters and persistent buffers (else the unit itself)."""
     return unit.tensors or (unit.name,)
-
-
-def _device_text(device: DeviceKey) -> str:
-    return f"GPU {device}" if isinstance(device, int) else str(device)
 
 
 def _device_problems(
@@ -218,7 +214,7 @@ def _partial(unit: Unit, missing: list[str], devices: set[DeviceKey]) -> Problem
     return Problem(
         "placement.map",
         f"{unit.name} is only partly mapped: {shown} not mapped",
-        hint=f"map the whole unit '{unit.name}' (to {_device_text(min(devices, key=str))})",
+        hint=f"map the whole unit '{unit.name}' (to {device_label(min(devices, key=str))})",
     )
 
 
@@ -226,7 +222,7 @@ def _split(
     unit: Unit, cover: dict[str, list[tuple[int, DeviceKey]]], devices: set[DeviceKey]
 ) -> Problem:
     entries = sorted({i for claims in cover.values() for i, _ in claims})
-    shown = " and ".join(sorted(map(_device_text, devices)))
+    shown = " and ".join(sorted(map(device_label, devices)))
     return Problem(
         f"placement.map[{entries[0]}].modules",
         f"{unit.name} ({unit.class_name}) must stay on one device, but its parts map to {shown}",
@@ -244,10 +240,10 @@ def _uncovered(names: list[str]) -> Problem:
 
 def _tied(units: tuple[str, ...], where: dict[str, DeviceKey]) -> Problem:
     leader, *followers = units
-    shown = ", ".join(f"{u} on {_device_text(d)}" for u, d in where.items())
+    shown = ", ".join(f"{u} on {device_label(d)}" for u, d in where.items())
     return Problem(
         "placement.map",
         f"{', '.join(followers)} shares its weight with {leader} (tied), but they map apart: "
         f"{shown}",
-        hint=f"put {', '.join(followers)} on {_device_text(where.get(leader, ''))} with {leader}",
+        hint=f"put {', '.join(followers)} on {device_label(where.get(leader, ''))} with {leader}",
     )

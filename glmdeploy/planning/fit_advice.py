@@ -6,8 +6,9 @@ largest selected size, a shorter context, offload), so every number it quotes is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Protocol
 
 from glmdeploy.config.settings import (
     GIB,
@@ -29,29 +30,43 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+class Replan(Protocol):
+    """The planner (`glmdeploy.planning.strategies.try_plan`), passed in to try each fix."""
+
+    def __call__(
+        self,
+        deployment: Deployment,
+        anatomy: Anatomy,
+        devices: Sequence[DeviceSpec],
+        *,
+        weights_only: bool = False,
+    ) -> Plan: ...
+
+
+_Try = Callable[[Deployment, Sequence[DeviceSpec], bool], Plan]
+
+
 def does_not_fit_problems(
     deployment: Deployment,
     anatomy: Anatomy,
     devices: Sequence[DeviceSpec],
     plan: Plan,
+    replan: Replan,
+    *,
     weights_only: bool = False,
 ) -> list[Problem]:
     """The shortfall of `plan`, then each fix that would make it fit (or how far it gets)."""
+
+    def _try(changed: Deployment, specs: Sequence[DeviceSpec], weights: bool) -> Plan:
+        return replan(changed, anatomy, specs, weights_only=weights)
+
     problems = [_shortfall(plan)]
-    problems += _precision_fix(deployment, anatomy, devices, plan, weights_only)
-    problems += _gpu_fix(deployment, anatomy, devices, weights_only)
+    problems += _precision_fix(deployment, devices, plan, weights_only, _try)
+    problems += _gpu_fix(deployment, anatomy, devices, weights_only, _try)
     if not weights_only:
-        problems += _context_fix(deployment, anatomy, devices)
-    problems += _offload_fix(deployment, anatomy, devices, weights_only)
+        problems += _context_fix(deployment, devices, _try)
+    problems += _offload_fix(deployment, devices, weights_only, _try)
     return problems
-
-
-def _try(
-    deployment: Deployment, anatomy: Anatomy, devices: Sequence[DeviceSpec], weights_only: bool
-) -> Plan:
-    from glmdeploy.planning.strategies import try_plan
-
-    return try_plan(deployment, anatomy, devices, weights_only=weights_only)
 
 
 def _shortfall(plan: Plan) -> Problem:
@@ -77,10 +92,10 @@ def _shortfall(plan: Plan) -> Problem:
 
 def _precision_fix(
     deployment: Deployment,
-    anatomy: Anatomy,
     devices: Sequence[DeviceSpec],
     plan: Plan,
     weights_only: bool,
+    _try: _Try,
 ) -> list[Problem]:
     current = deployment.precision
     options: list[Precision] = []
@@ -93,7 +108,7 @@ def _precision_fix(
     before = sum(r.weights_bytes for r in plan.rows)
     last: tuple[Precision, Plan] | None = None
     for option in options:
-        candidate = _try(replace(deployment, precision=option), anatomy, devices, weights_only)
+        candidate = _try(replace(deployment, precision=option), devices, weights_only)
         last = (option, candidate)
         if candidate.fits:
             break
@@ -121,7 +136,11 @@ def _precision_fix(
 
 
 def _gpu_fix(
-    deployment: Deployment, anatomy: Anatomy, devices: Sequence[DeviceSpec], weights_only: bool
+    deployment: Deployment,
+    anatomy: Anatomy,
+    devices: Sequence[DeviceSpec],
+    weights_only: bool,
+    _try: _Try,
 ) -> list[Problem]:
     gpus = [d for d in devices if isinstance(d.key, int)]
     if not gpus:
@@ -138,7 +157,7 @@ def _gpu_fix(
             DeviceSpec(next_key + j, next_key + j, largest.name, largest.capacity_bytes)
             for j in range(n - len(gpus))
         ]
-        candidate = _try(balanced, anatomy, [*gpus, *extra, *others], weights_only)
+        candidate = _try(balanced, [*gpus, *extra, *others], weights_only)
         if candidate.fits:
             return [
                 Problem(
@@ -164,14 +183,14 @@ def _gpu_fix(
 
 
 def _context_fix(
-    deployment: Deployment, anatomy: Anatomy, devices: Sequence[DeviceSpec]
+    deployment: Deployment, devices: Sequence[DeviceSpec], _try: _Try
 ) -> list[Problem]:
     runtime = deployment.runtime
     current = runtime.max_context_tokens
 
     def fits(tokens: int) -> bool:
         changed = replace(deployment, runtime=replace(runtime, max_context_tokens=tokens))
-        return _try(changed, anatomy, devices, False).fits
+        return _try(changed, devices, False).fits
 
     if current <= 1 or not fits(1):
         return []
@@ -189,7 +208,7 @@ def _context_fix(
 
 
 def _offload_fix(
-    deployment: Deployment, anatomy: Anatomy, devices: Sequence[DeviceSpec], weights_only: bool
+    deployment: Deployment, devices: Sequence[DeviceSpec], weights_only: bool, _try: _Try
 ) -> list[Problem]:
     placement = deployment.placement
     if placement.strategy in (Strategy.EXPLICIT, Strategy.TRANSFORMERS):
@@ -198,7 +217,7 @@ def _offload_fix(
     if target is None:
         return []
     changed = replace(deployment, placement=replace(placement, offload=target))
-    candidate = _try(changed, anatomy, devices, weights_only)
+    candidate = _try(changed, devices, weights_only)
     if not candidate.fits:
         return []
     costs = [n for n in candidate.notes if n.startswith(("offload:", "no unit is on a GPU"))]

@@ -25,13 +25,6 @@ LOGITS_COPIES = (
 ACTIVATION_WIDTHS = (3, 3)  # hidden-sized and intermediate-sized tensors alive at a block's peak
 
 
-def resolve_dtype(dtype: Dtype, anatomy: Anatomy) -> Dtype:
-    """`auto` is what transformers loads: the config's dtype, fp32 when the config names none."""
-    if dtype is not Dtype.AUTO:
-        return dtype
-    return anatomy.config_dtype or Dtype.FP32
-
-
 def weights_bytes(
     anatomy: Anatomy, names: set[str], dtype: Dtype, quantization: Quantization
 ) -> int:
@@ -157,8 +150,12 @@ def memory_model(
     weights_only: bool = False,
     attn_implementation: str = "sdpa",
 ) -> MemoryModel:
-    """The memory terms for this deployment; `weights_only` zeroes KV, workspace and reserve."""
-    dtype = resolve_dtype(precision.dtype, anatomy)
+    """The memory terms for this deployment; `weights_only` zeroes KV, workspace and reserve.
+
+    `precision.dtype` must be concrete (`glmdeploy.hardware.precision.resolve_dtype`).
+    """
+    dtype = precision.dtype
+    dtype_bytes(dtype)  # raises for `auto`
     kv_dtype = dtype if runtime.kv_cache_dtype is Dtype.AUTO else runtime.kv_cache_dtype
     per_layer = 0 if weights_only else kv_bytes_per_layer(anatomy, runtime, kv_dtype)
     return MemoryModel(

@@ -29,25 +29,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from glmdeploy.config.settings import GIB, Deployment, Offload, Strategy
+from glmdeploy.config.settings import GIB, Deployment, Dtype, Strategy
+from glmdeploy.hardware.precision import GpuCapability, resolve_dtype
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.planning import partition
 from glmdeploy.planning.budget import assemble, fingerprint
 from glmdeploy.planning.memory import MemoryModel, memory_model
-from glmdeploy.planning.types import DeviceKey, DeviceSpec, Fingerprint, Plan
-from glmdeploy.problems import ConfigError, DoesNotFitError, Problem
+from glmdeploy.planning.types import DeviceKey, DeviceSpec, Fingerprint, Plan, PlanDoesNotFit
+from glmdeploy.problems import ConfigError, Problem
 
 AUTO_TARGET = 0.9
-
-
-class PlanDoesNotFit(DoesNotFitError):
-    """DoesNotFitError that also carries the best plan found, for display."""
-
-    def __init__(self, problems: Sequence[Problem], plan: Plan) -> None:
-        super().__init__(problems)
-        self.plan = plan
 
 
 @dataclass(frozen=True)
@@ -83,13 +76,25 @@ def plan_placement(
             `Plan.from_dict` and `Fingerprint.mismatches`).
         PlanDoesNotFit: no plan fits; its problems give the shortfall and the cheapest fixes.
     """
+    from glmdeploy.planning.fit_advice import does_not_fit_problems
+
+    deployment = with_resolved_dtype(deployment, devices)
     plan = try_plan(deployment, anatomy, devices, weights_only=weights_only)
     if not plan.fits:
-        from glmdeploy.planning.fit_advice import does_not_fit_problems
-
-        problems = does_not_fit_problems(deployment, anatomy, devices, plan, weights_only)
+        problems = does_not_fit_problems(deployment, anatomy, devices, plan, try_plan,
+                                         weights_only=weights_only)  # fmt: skip
         raise PlanDoesNotFit(problems, plan)
     return plan
+
+
+def with_resolved_dtype(deployment: Deployment, devices: Sequence[DeviceSpec]) -> Deployment:
+    """`deployment` with `precision.dtype=auto` resolved for the GPUs among `devices`."""
+    if deployment.precision.dtype is not Dtype.AUTO:
+        return deployment
+    gpus = tuple(GpuCapability(int(d.key), d.name, d.compute_capability)
+                 for d in devices if isinstance(d.key, int))  # fmt: skip
+    dtype, _ = resolve_dtype(Dtype.AUTO, gpus)
+    return replace(deployment, precision=replace(deployment.precision, dtype=dtype))
 
 
 def try_plan(
@@ -100,6 +105,7 @@ def try_plan(
     weights_only: bool = False,
 ) -> Plan:
     """Like `plan_placement`, but returns the best plan found even when it does not fit."""
+    deployment = with_resolved_dtype(deployment, devices)
     setup = _setup(deployment, anatomy, devices, weights_only)
     strategy = deployment.placement.strategy
     notes: list[str] = []
@@ -141,6 +147,7 @@ def current_fingerprint(
     weights_only: bool = False,
 ) -> Fingerprint:
     """What a plan for these inputs would record: compare a saved plan's with `mismatches`."""
+    deployment = with_resolved_dtype(deployment, devices)
     setup = _setup(deployment, anatomy, devices, weights_only)
     used = (*setup.gpus, *setup.offload_devices)
     return fingerprint(anatomy, setup.memory, deployment.runtime, used, setup.capacities)
@@ -163,9 +170,8 @@ def _setup(
         if d.key == "cpu" and placement.cpu_memory_gib is not None:
             cap = round(placement.cpu_memory_gib * GIB)
         capacities[d.key] = cap
-    allowed = {Offload.NONE: (), Offload.CPU: ("cpu",), Offload.DISK: ("cpu", "disk")}
     offload = []
-    wanted = allowed[placement.offload]
+    wanted = placement.offload.devices
     if not gpus:  # no GPU: the model runs on the CPU
         wanted = tuple(dict.fromkeys(("cpu", *wanted)))
     for key in wanted:

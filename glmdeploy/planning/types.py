@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from glmdeploy.config.settings import GIB
-from glmdeploy.problems import Problem
+from glmdeploy.problems import DoesNotFitError, Problem
 
 DeviceKey = int | str  # a physical GPU id, "cpu" or "disk"
 PLAN_FORMAT = "glmdeploy.planning.types/1"
@@ -30,12 +30,14 @@ class DeviceSpec:
         name: e.g. "NVIDIA RTX 3090".
         capacity_bytes: total memory (GPUs; `gpus.max_memory_gib` caps are applied by the
             planner), RAM the plan may use (cpu), or free space (disk; 0 means unknown).
+        compute_capability: a GPU's (major, minor): `precision.dtype=auto` resolves by it.
     """
 
     key: DeviceKey
     physical_id: int | None
     name: str
     capacity_bytes: int
+    compute_capability: tuple[int, int] = (8, 0)
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,14 @@ class Plan:
         )
 
 
+class PlanDoesNotFit(DoesNotFitError):
+    """No placement fits: the problems give the shortfall and the fixes; `plan` is the best one."""
+
+    def __init__(self, problems: Sequence[Problem], plan: Plan) -> None:
+        super().__init__(problems)
+        self.plan = plan
+
+
 def _finite(value: float) -> float | None:
     return None if math.isinf(value) else value
 
@@ -209,6 +219,14 @@ def device_map_for_transformers(plan: Plan) -> dict[str, int | str]:
     Every unit is named, tied ones included, so transformers' own checks pass unchanged.
     """
     return dict(plan.device_map)
+
+
+def device_label(device: DeviceKey, logical: int | None = None) -> str:
+    """How glmdeploy names a device: `GPU 2` (physical id), `GPU 2 → cuda:0` when the logical id
+    this process uses is known, `cpu`, `disk`."""
+    if not isinstance(device, int):
+        return str(device)
+    return f"GPU {device}" + (f" → cuda:{logical}" if logical is not None else "")
 
 
 def summarise(names: Iterable[str]) -> str:

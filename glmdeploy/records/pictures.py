@@ -8,12 +8,12 @@ instead. matplotlib is imported only here, with the Agg backend (no display need
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from glmdeploy import atomic
 from glmdeploy.config.settings import GIB
-from glmdeploy.planning.types import BudgetRow, Plan
+from glmdeploy.planning.types import BudgetRow, Plan, device_label
 
 PARTS = (
     ("weights_bytes", "weights", "#4C72B0"),
@@ -21,11 +21,6 @@ PARTS = (
     ("workspace_bytes", "workspace", "#DD8452"),
     ("reserve_bytes", "reserve", "#B0B0B0"),
 )
-
-
-def device_label(row: BudgetRow) -> str:
-    """`GPU 0`, `cpu` or `disk`: how pictures and reports name a device."""
-    return f"GPU {row.device}" if isinstance(row.device, int) else str(row.device)
 
 
 def save_plan_picture(plan: Plan, path: Path) -> None:
@@ -77,18 +72,17 @@ def save_figure(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=110)
-        os.replace(tmp, path)
+        with atomic.replacing(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=110)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def _tick(row: BudgetRow) -> str:
     """A GPU's label carries its model name on a second line."""
-    return f"{device_label(row)}\n{row.name}" if _gpu(row) else device_label(row)
+    label = device_label(row.device)
+    return f"{label}\n{row.name}" if _gpu(row) else label
 
 
 def _gpu(row: BudgetRow) -> bool:

@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from glmdeploy import atomic
 from glmdeploy.config.settings import Deployment, ModelSpec, SourceKind
-from glmdeploy.hardware.doctor import PACKAGES, _environment, _version
-from glmdeploy.hardware.nvml import Nvml, probe
-from glmdeploy.planning.types import Plan
+from glmdeploy.hardware.environment import environment_facts
+from glmdeploy.planning.types import Plan, PlanDoesNotFit
 from glmdeploy.problems import ConfigError, ExitCode, GlmDeployError, Problem
 
 RECORD_FORMAT = "glmdeploy.run/1"
 RUN_JSON, PLAN_JSON, PLAN_PNG, RESOLVED_YAML = "run.json", "plan.json", "plan.png", "resolved.yaml"
 Status = Literal["running", "ok", "failed", "interrupted"]
-_CHANGING = ("used_bytes", "free_bytes", "processes")  # GPU facts that change from run to run
 
 
 @dataclass
@@ -91,38 +88,6 @@ def _gpu_keys_as_ints(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(gpus, dict) and isinstance(caps, dict):
         gpus["max_memory_gib"] = {int(k) if str(k).isdigit() else k: v for k, v in caps.items()}
     return config
-
-
-def environment_facts(
-    *, nvml: Nvml | None = None, environ: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Versions, NVIDIA driver, GPUs and relevant environment variables (`nvml`, `environ`: tests).
-
-    Reads NVML and `torch.version.cuda` only: CUDA is never initialised.
-    """
-    snapshot = probe(nvml)
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": {name: _version(name) for name in PACKAGES},
-        "torch_cuda": _torch_cuda_build(),
-        "nvidia_driver": snapshot.driver_version,
-        "cuda_driver": snapshot.cuda_driver_version,
-        "nvml_error": snapshot.nvml_error,
-        "gpus": [
-            {k: v for k, v in asdict(g).items() if k not in _CHANGING}  # total memory, uuid, …
-            for g in snapshot.gpus
-        ],
-        "env": _environment(os.environ if environ is None else environ),
-    }
-
-
-def _torch_cuda_build() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return str(torch.version.cuda) if torch.version.cuda else None  # a build fact, no CUDA init
 
 
 def checkpoint_facts(model: ModelSpec) -> dict[str, Any] | None:
@@ -195,7 +160,7 @@ class RecordWriter:
         import yaml
 
         text = yaml.safe_dump(_plain(record.config), sort_keys=False, allow_unicode=True)
-        write_atomic(self.run_dir / RESOLVED_YAML, text)
+        atomic.write_text(self.run_dir / RESOLVED_YAML, text)
         self._write()
         return self
 
@@ -204,7 +169,7 @@ class RecordWriter:
         record = self.record
         text = json.dumps(plan.to_dict(), indent=2) + "\n"
         record.plan = json.loads(text)  # JSON-shaped in memory too: lists, not tuples
-        write_atomic(self.run_dir / PLAN_JSON, text)
+        atomic.write_text(self.run_dir / PLAN_JSON, text)
         try:
             from glmdeploy.records.pictures import save_plan_picture
 
@@ -239,8 +204,8 @@ class RecordWriter:
 
     def fail(self, exc: BaseException) -> RunRecord:
         """Finish `interrupted` (KeyboardInterrupt) or `failed`, with the error (and best plan)."""
-        best = getattr(getattr(exc, "planned", None), "plan", None)  # DeploymentDoesNotFit
-        plan = best if isinstance(best, Plan) and self.record.plan is None else None
+        fits_not = isinstance(exc, PlanDoesNotFit) and self.record.plan is None
+        plan = exc.plan if isinstance(exc, PlanDoesNotFit) and fits_not else None
         status: Status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         return self.finish(status, error=exc, plan=plan)
 
@@ -256,7 +221,7 @@ class RecordWriter:
 
     def _write(self) -> None:
         text = json.dumps(self.record.to_dict(), indent=2, default=str) + "\n"
-        write_atomic(self.run_dir / RUN_JSON, text)
+        atomic.write_text(self.run_dir / RUN_JSON, text)
 
 
 def read_record(run_dir: Path | str) -> RunRecord:
@@ -272,19 +237,6 @@ def read_record(run_dir: Path | str) -> RunRecord:
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
         problem = Problem(str(path), f"cannot read the run record: {exc}", RECORD_FORMAT, hint)
         raise ConfigError([problem], "not a glmdeploy run directory") from exc
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, flush it to disk, and rename it over."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _plain(value: Any) -> Any:

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glmdeploy import atomic
 from glmdeploy.config.settings import GIB
 from glmdeploy.problems import ConfigError, GlmDeployError, Problem
-from glmdeploy.records.record import RUN_JSON, RunRecord, read_record, write_atomic
+from glmdeploy.records.record import RUN_JSON, RunRecord, read_record
 
 REPORT_MD, REPORT_CSV, REPORT_PNG = "report.md", "report.csv", "report.png"
 
@@ -210,8 +211,8 @@ def write_report(sweep_dir: Path | str) -> ReportPaths:
     rows = collect_rows(root)
     paths = ReportPaths(root / REPORT_MD, root / REPORT_CSV, root / REPORT_PNG)
     title = f"# glmdeploy report: {root}\n\n{len(rows)} job(s), {_counts(rows)}.\n\n"
-    write_atomic(paths.markdown, title + markdown(rows))
-    write_atomic(paths.csv, csv_text(rows))
+    atomic.write_text(paths.markdown, title + markdown(rows))
+    atomic.write_text(paths.csv, csv_text(rows))
     save_report_plot(rows, paths.png)
     return paths
 
