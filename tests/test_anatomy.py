@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from glmdeploy.config.settings import Dtype, Quantization
 from glmdeploy.model import skeleton
-from glmdeploy.model.anatomy import Tally, build_anatomy
+from glmdeploy.model.anatomy import Tally
+from glmdeploy.model.skeleton import build_anatomy
 
 TINY: dict[str, dict[str, Any]] = {
     "glm": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -22,11 +22,7 @@ from glmdeploy.loading.checkpoint import (
 )
 from glmdeploy.problems import LoadError
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "chatglm3-tiny"
-pytestmark = pytest.mark.skipif(
-    not (FIXTURE / "model.safetensors").is_file(),
-    reason=f"the chatglm3-tiny fixture is not at {FIXTURE}",
-)
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "chatglm3-tiny"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoConfig
 
 from glmdeploy.config.settings import MapEntry, Offload
-from glmdeploy.model.anatomy import Anatomy, build_anatomy
+from glmdeploy.model.anatomy import Anatomy
+from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.planning.explicit_map import check_explicit_map, expand
 from glmdeploy.problems import ConfigError, render_problems
 

@@ -25,10 +25,10 @@ SCRIPT = r"""
 import json, os, sys
 from dataclasses import replace
 from pathlib import Path
-from glmdeploy.model.anatomy import build_anatomy
+from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.hardware.gpu_select import apply_environment, select_gpus
 from glmdeploy.hardware.nvml import probe
-from glmdeploy.loading.embedded import hf_config
+from glmdeploy.model.hf_config import config_from_architecture
 from glmdeploy.planning.types import DeviceSpec
 from glmdeploy.planning.strategies import plan_placement
 from glmdeploy.hardware.precision import resolve_precision, selected_gpus
@@ -61,7 +61,7 @@ dep = replace(dep, precision=replace(dep.precision, dtype=precision.dtype))  # p
 devices = [DeviceSpec(d.physical_id, d.physical_id, d.name, d.capacity_bytes)
            for d in assignment.devices]
 devices += [DeviceSpec("cpu", None, "cpu", 0), DeviceSpec("disk", None, "disk", 0)]
-plan = plan_placement(dep, build_anatomy(hf_config(TINY_ARCH)), devices)
+plan = plan_placement(dep, build_anatomy(config_from_architecture(TINY_ARCH)), devices)
 loaded = load_model(dep, plan, assignment, cache_root=cache, precision=precision)
 result = generate(loaded, dep.runtime)
 ids = torch.tensor([result.prompt_ids[0]])

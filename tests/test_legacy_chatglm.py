@@ -30,26 +30,18 @@ from glmdeploy.model.legacy_chatglm import (
 )
 from glmdeploy.problems import LoadError
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "chatglm3-tiny"
-needs_fixture = pytest.mark.skipif(
-    not (FIXTURE / "reference.safetensors").is_file(),
-    reason=f"the chatglm3-tiny fixture is not at {FIXTURE}",
-)
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "chatglm3-tiny"
 QKV = "transformer.encoder.layers.{}.self_attention.query_key_value.{}"
 
 
 @pytest.fixture
 def legacy() -> dict[str, Any]:
-    if not (FIXTURE / "config.json").is_file():
-        pytest.skip(f"the chatglm3-tiny fixture is not at {FIXTURE}")
     config: dict[str, Any] = json.loads((FIXTURE / "config.json").read_text())
     return config
 
 
 @pytest.fixture(scope="module")
 def state() -> dict[str, torch.Tensor]:
-    if not (FIXTURE / "model.safetensors").is_file():
-        pytest.skip(f"the chatglm3-tiny fixture is not at {FIXTURE}")
     return load_file(FIXTURE / "model.safetensors")
 
 
@@ -347,7 +339,6 @@ def assert_reproduces_reference(converted: Path) -> None:
     assert torch.equal(greedy, reference["greedy_ids"])
 
 
-@needs_fixture
 @pytest.mark.parametrize("layout", ["safetensors", "sharded-bin"])
 def test_conversion_reproduces_the_reference(layout: str, tmp_path: Path) -> None:
     src = FIXTURE
@@ -410,7 +401,6 @@ def break_inv_freq(src: Path) -> Path:  # found while streaming, after the temp 
     return Path("transformer.rotary_pos_emb.inv_freq")
 
 
-@needs_fixture
 @pytest.mark.parametrize(
     "breaker",
     [
@@ -435,7 +425,6 @@ def test_failed_conversion_leaves_nothing(breaker: Callable[[Path], Path], tmp_p
     assert list(out.iterdir()) == []  # neither dst nor the temporary directory
 
 
-@needs_fixture
 def test_destination_in_use_and_side_files(tmp_path: Path) -> None:
     src = tmp_path / "src"
     shutil.copytree(FIXTURE, src)
@@ -461,7 +450,6 @@ def test_destination_in_use_and_side_files(tmp_path: Path) -> None:
         convert_checkpoint(src, src, progress=False, overwrite=True)
 
 
-@needs_fixture
 def test_ensure_native_converts_once(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     converted = ensure_native(FIXTURE, cache, progress=False)

@@ -33,17 +33,18 @@ from glmdeploy.config.settings import (
 )
 from glmdeploy.hardware.gpu_select import AssignedGpu, GpuAssignment
 from glmdeploy.inference.runner import generate
-from glmdeploy.loading.embedded import CACHE_ENV, MARKER, cache_root, hf_config, materialize
+from glmdeploy.loading.embedded import CACHE_ENV, MARKER, cache_root, materialize
 from glmdeploy.loading.loader import LoadedModel, load_model, resolve_checkpoint
 from glmdeploy.loading.verify import verify_placement
-from glmdeploy.model.anatomy import build_anatomy
+from glmdeploy.model.hf_config import config_from_architecture
+from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.planning.strategies import plan_placement
 from glmdeploy.planning.types import DeviceKey, DeviceSpec, Plan
 from glmdeploy.problems import ConfigError, HardwareError, LoadError
 
 from builders import TINY_ARCH, make_deployment
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "chatglm3-tiny"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "chatglm3-tiny"
 CPU_DISK: dict[str, DeviceKey] = {
     "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
     "model.layers.1": "cpu", "model.layers.2": "disk", "model.layers.3": "disk",
@@ -79,7 +80,9 @@ def offloaded(cache: Path) -> LoadedModel:
     """The tiny GLM of the `tiny-glm-cpu-disk` profile, loaded across cpu and disk."""
     dep = load_deployment(["profile=tiny-glm-cpu-disk"]).deployment
     assert dep.model.architecture is not None
-    plan = plan_placement(dep, build_anatomy(hf_config(dep.model.architecture)), SPECS)
+    plan = plan_placement(
+        dep, build_anatomy(config_from_architecture(dep.model.architecture)), SPECS
+    )
     assert plan.device_map == CPU_DISK
     return load_model(dep, plan, CPU, cache_root=cache)
 
@@ -154,7 +157,7 @@ def test_offloaded_model_generates_like_a_plain_load(offloaded: LoadedModel) -> 
 
 def test_whole_cpu_plan_from_the_planner(cache: Path) -> None:
     dep = deployment(source=ModelSource(SourceKind.EMBEDDED, seed=0))
-    plan = plan_for(dep, hf_config(TINY_ARCH))
+    plan = plan_for(dep, config_from_architecture(TINY_ARCH))
     assert set(plan.device_map.values()) == {"cpu"}
     loaded = load_model(dep, plan, CPU, cache_root=cache)
     (row,) = loaded.device_bytes
@@ -178,7 +181,7 @@ def test_verification_lists_every_misplaced_module(offloaded: LoadedModel) -> No
 def test_a_one_device_plan_with_a_typo_is_caught(cache: Path) -> None:
     # transformers checks neither names nor coverage of a one-device map (DESIGN.md §5).
     dep = deployment(source=ModelSource(SourceKind.EMBEDDED, seed=0))
-    good = plan_for(dep, hf_config(TINY_ARCH))
+    good = plan_for(dep, config_from_architecture(TINY_ARCH))
     typo = {("model.layer.3" if k == "model.layers.3" else k): v for k, v in CPU_DISK.items()}
     plan = replace(good, device_map=dict.fromkeys(typo, "cpu"))
     with pytest.raises(LoadError) as err:
@@ -189,7 +192,7 @@ def test_a_one_device_plan_with_a_typo_is_caught(cache: Path) -> None:
 
 def test_plan_for_another_precision_is_refused(cache: Path) -> None:
     dep = deployment(source=ModelSource(SourceKind.EMBEDDED, seed=0))
-    plan = plan_for(dep, hf_config(TINY_ARCH))
+    plan = plan_for(dep, config_from_architecture(TINY_ARCH))
     plan = replace(plan, fingerprint=replace(plan.fingerprint, dtype="bf16"))
     with pytest.raises(ConfigError) as err:
         load_model(dep, plan, CPU, cache_root=cache)
@@ -198,7 +201,7 @@ def test_plan_for_another_precision_is_refused(cache: Path) -> None:
 
 def test_gpu_plans_need_cuda_and_real_gpus(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dep = deployment(source=ModelSource(SourceKind.EMBEDDED, seed=0))
-    plan = plan_for(dep, hf_config(TINY_ARCH))
+    plan = plan_for(dep, config_from_architecture(TINY_ARCH))
     plan = replace(plan, device_map=dict.fromkeys(plan.device_map, 3))
     gpu = AssignedGpu(3, 0, "Fake", "GPU-0", 8 << 30, 8 << 30, (8, 0))
     declared = GpuAssignment(GpuMode.DECLARED, (gpu,), source="declared")
@@ -210,10 +213,6 @@ def test_gpu_plans_need_cuda_and_real_gpus(cache: Path, monkeypatch: pytest.Monk
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-
-needs_fixture = pytest.mark.skipif(
-    not (FIXTURE / "reference.safetensors").is_file(), reason=f"no fixture at {FIXTURE}"
-)
 
 
 def load_legacy(directory: Path, cache: Path, device_map: dict[str, DeviceKey] | None) -> Any:
@@ -235,7 +234,6 @@ def assert_reference(loaded: LoadedModel) -> None:
     assert [list(row) for row in result.new_ids] == new.tolist()
 
 
-@needs_fixture
 @pytest.mark.parametrize("device_map", [None, "cpu+disk"])
 def test_chatglm3_fixture_reproduces_the_reference(tmp_path: Path, device_map: Any) -> None:
     layers = {f"model.layers.{i}": ("cpu" if i == 0 else "disk") for i in range(2)}
@@ -247,7 +245,6 @@ def test_chatglm3_fixture_reproduces_the_reference(tmp_path: Path, device_map: A
     assert_reference(loaded)
 
 
-@needs_fixture
 def test_chatglm3_fixture_from_bin_shards(tmp_path: Path) -> None:
     source = tmp_path / "bin"
     source.mkdir()
@@ -273,7 +270,9 @@ def native_copy(cache: Path, tmp_path: Path) -> Path:
 
 def load_native(directory: Path, cache: Path) -> LoadedModel:
     dep = deployment(source=ModelSource(SourceKind.LOCAL, path=str(directory)), architecture=None)
-    return load_model(dep, plan_for(dep, hf_config(TINY_ARCH)), CPU, cache_root=cache)
+    return load_model(
+        dep, plan_for(dep, config_from_architecture(TINY_ARCH)), CPU, cache_root=cache
+    )
 
 
 def test_truncated_or_missing_weights_name_the_file(native_copy: Path, cache: Path) -> None:

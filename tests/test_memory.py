@@ -20,7 +20,8 @@ from glmdeploy.config.settings import (
     Runtime,
     Strategy,
 )
-from glmdeploy.model.anatomy import Anatomy, build_anatomy
+from glmdeploy.model.anatomy import Anatomy
+from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.planning.memory import (
     activation_bytes,
     budget_bytes,
@@ -30,7 +31,6 @@ from glmdeploy.planning.memory import (
     memory_model,
     prefill_tokens,
     reserve_bytes,
-    resolve_dtype,
 )
 from glmdeploy.planning.strategies import plan_placement
 from glmdeploy.planning.types import DeviceSpec, device_map_for_transformers
@@ -96,11 +96,18 @@ def test_reserve_budget_and_dtype_resolution() -> None:
     placement = Placement(Strategy.BALANCED, reserve_gib=1.5)
     assert reserve_bytes(placement) == int(1.5 * GIB)
     assert budget_bytes(24 * GIB, reserve_bytes(placement)) == int(22.5 * GIB)
-    _, anatomy = tiny()
-    assert resolve_dtype(Dtype.FP16, anatomy) == Dtype.FP16
-    assert resolve_dtype(Dtype.AUTO, anatomy) == Dtype.FP32  # the config names no dtype
+    # precision=auto follows the one rule the loader uses (glmdeploy.hardware.precision), not
+    # the checkpoint's dtype: fp32 on the CPU, bf16 on GPUs that have it, fp16 on those without.
     _, typed = tiny(dtype="bfloat16")
-    assert resolve_dtype(Dtype.AUTO, typed) == Dtype.BF16
+    auto = make_deployment(Strategy.BALANCED, precision=Dtype.AUTO)
+    cpu = plan_placement(auto, typed, [])
+    assert cpu.fingerprint.dtype == "fp32"
+    a100 = DeviceSpec(0, 0, "A100", 80 * GIB, (8, 0))
+    assert plan_placement(auto, typed, [a100]).fingerprint.dtype == "bf16"
+    t4 = DeviceSpec(0, 0, "T4", 16 * GIB, (7, 5))
+    assert plan_placement(auto, typed, [t4]).fingerprint.dtype == "fp16"
+    with pytest.raises(ValueError, match="resolved"):
+        memory_model(typed, Precision(Dtype.AUTO), auto.runtime, placement)
 
 
 def test_memory_model_per_unit_terms_and_weights_only() -> None:

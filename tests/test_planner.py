@@ -34,12 +34,17 @@ from glmdeploy.planning.memory import memory_model
 from glmdeploy.planning.partition import min_max_split
 from glmdeploy.planning.strategies import (
     AUTO_TARGET,
-    PlanDoesNotFit,
     current_fingerprint,
     plan_placement,
     try_plan,
 )
-from glmdeploy.planning.types import DeviceSpec, Plan, device_map_for_transformers, summarise
+from glmdeploy.planning.types import (
+    DeviceSpec,
+    Plan,
+    PlanDoesNotFit,
+    device_map_for_transformers,
+    summarise,
+)
 from glmdeploy.problems import ConfigError
 
 from builders import make_deployment
@@ -297,8 +302,7 @@ def test_explicit_maps_are_checked_then_budgeted() -> None:
 def test_transformers_strategy_reproduces_transformers_map() -> None:
     from transformers import AutoConfig
 
-    from glmdeploy.model.anatomy import build_anatomy
-    from glmdeploy.model.skeleton import meta_model
+    from glmdeploy.model.skeleton import build_anatomy, meta_model
     from glmdeploy.planning.transformers_map import transformers_device_map
 
     cfg = AutoConfig.for_model(
@@ -338,7 +342,7 @@ def test_planning_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
     from transformers import AutoConfig
 
-    from glmdeploy.model.anatomy import build_anatomy
+    from glmdeploy.model.skeleton import build_anatomy
 
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("CUDA was called while planning")

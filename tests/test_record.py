@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
+from glmdeploy import atomic
 from glmdeploy.config.deployments import load_deployment
 from glmdeploy.config.settings import GIB, ModelSource, ModelSpec, SourceKind
+from glmdeploy.hardware.environment import environment_facts
 from glmdeploy.hardware.nvml import NvmlError
 from glmdeploy.planning.deployment_plan import (
     DeploymentDoesNotFit,
@@ -27,10 +29,8 @@ from glmdeploy.records.record import (
     RecordWriter,
     RunRecord,
     checkpoint_facts,
-    environment_facts,
     new_record,
     read_record,
-    write_atomic,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -153,14 +153,14 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "run.json"
-    write_atomic(target, "old\n")
+    atomic.write_text(target, "old\n")
 
     def crash(fd: int) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(OSError, match="disk full"):
-        write_atomic(target, "new\n")
+        atomic.write_text(target, "new\n")
     assert target.read_text() == "old\n"
     assert leftovers(tmp_path) == []
 

@@ -6,7 +6,8 @@ import copy
 from typing import Any
 
 from glmdeploy.config.settings import GIB
-from glmdeploy.records.record import RunRecord, environment_facts
+from glmdeploy.hardware.environment import environment_facts
+from glmdeploy.records.record import RunRecord
 from glmdeploy.records.replay import differences
 
 ENV: dict[str, Any] = {

@@ -13,9 +13,10 @@ from transformers import PreTrainedTokenizerFast
 from glmdeploy.config.settings import Dtype, GpuMode, ModelSource, Runtime, SourceKind, Strategy
 from glmdeploy.hardware.gpu_select import GpuAssignment
 from glmdeploy.inference.runner import bench, generate, prompt_ids
-from glmdeploy.loading.embedded import hf_config, materialize
+from glmdeploy.loading.embedded import materialize
 from glmdeploy.loading.loader import LoadedModel, load_model
-from glmdeploy.model.anatomy import build_anatomy
+from glmdeploy.model.hf_config import config_from_architecture
+from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.planning.strategies import plan_placement
 from glmdeploy.problems import ConfigError
 
@@ -30,7 +31,7 @@ def load(source: ModelSource, cache: Path) -> LoadedModel:
         Strategy.AUTO, architecture=TINY_ARCH, source=source, gpus=GpuMode.CPU,
         precision=Dtype.AUTO, runtime=RUNTIME,
     )  # fmt: skip
-    plan = plan_placement(dep, build_anatomy(hf_config(TINY_ARCH)), [])
+    plan = plan_placement(dep, build_anatomy(config_from_architecture(TINY_ARCH)), [])
     return load_model(dep, plan, GpuAssignment(GpuMode.CPU, ()), cache_root=cache)
 
 
