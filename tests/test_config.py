@@ -28,6 +28,7 @@ REQUIRED = {
         "lm_head],device:cpu}]",
     ],
     ("placement", "plan_file"): ["placement.plan_file={plan}"],
+    ("launch", "multinode"): ["launch.node_rank=0", "launch.master_addr=127.0.0.1", "parallel=pp2"],
 }
 
 
@@ -86,6 +87,9 @@ PAIRS = [
     (("precision",), settings.Precision),
     (("placement",), settings.Placement),
     (("runtime",), settings.Runtime),
+    (("parallel",), settings.Parallel),
+    (("launch",), settings.Launch),
+    (("engine",), settings.Engine),
 ]
 
 

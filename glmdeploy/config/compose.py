@@ -222,7 +222,12 @@ def _key_problem(key: str, value: str | None, source: ConfigSource) -> Problem:
             "ids": "gpus=ids",
             "count": "gpus=least_used",
             "declared": "gpus=declared",
-        }
+            **dict.fromkeys(
+                ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                 "enforce_eager"),
+                "engine=vllm",
+            ),
+        }  # fmt: skip
         choose = owner.get(leaf)
         hint = f"choose {choose} first" if choose else f"add it with +{key}={value or '…'}"
         return Problem(key, "not set by the selected option", None, hint)

@@ -22,7 +22,9 @@ SHIPPED_CONF_DIR = (PACKAGE_DIR / "conf").resolve()
 SCHEMA_PATH = (PACKAGE_DIR / "schemas" / "deployment.schema.json").resolve()
 CONFIG_PATH_ENV = "GLMDEPLOY_CONFIG_PATH"
 DEFAULT_CONFIG_NAME = "config"
-GROUPS = ("model", "gpus", "precision", "placement", "runtime", "profile")
+GROUPS = (
+    "model", "gpus", "precision", "placement", "runtime", "parallel", "launch", "engine", "profile",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ def semantic_problems(doc: Mapping[str, Any], schema_clean: bool = True) -> list
         lambda: _precision_rules(doc["precision"], doc["gpus"]),
         lambda: _placement_rules(doc["placement"], doc["gpus"]),
         lambda: _runtime_rules(doc["runtime"], doc["model"]),
+        lambda: _launch_rules(doc.get("launch") or {}, doc.get("parallel") or {}),
+        lambda: _engine_rules(doc.get("engine") or {}),
     ]
     out: list[Problem] = []
     for rule in rules:
@@ -288,6 +290,50 @@ def _overlaps(
     ]
     spans.append((prefix, start, end, entry))
     return out
+
+
+def _launch_rules(launch: Mapping[str, Any], parallel: Mapping[str, Any]) -> list[Problem]:
+    out: list[Problem] = []
+    nnodes, node_rank = launch.get("nnodes", 1), launch.get("node_rank", 0)
+    if node_rank >= nnodes:
+        out.append(
+            Problem(
+                "launch.node_rank",
+                f"{node_rank}, but launch.nnodes={nnodes}",
+                f"0 … {nnodes - 1}",
+                "node ranks count from 0 on the node at launch.master_addr",
+            )
+        )
+    world = parallel.get("tp_size", 1) * parallel.get("pp_size", 1)
+    if world % nnodes:
+        out.append(
+            Problem(
+                "launch.nnodes",
+                f"{nnodes} nodes cannot share {world} ranks (tp_size × pp_size) evenly",
+                f"a divisor of {world}",
+                "every node runs the same number of ranks",
+            )
+        )
+    return out
+
+
+_VLLM_KEYS = ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "block_size",
+              "enforce_eager")  # fmt: skip
+
+
+def _engine_rules(engine: Mapping[str, Any]) -> list[Problem]:
+    if engine.get("name", "transformers") == "vllm":
+        return []
+    return [
+        Problem(
+            f"engine.{key}",
+            f"a vLLM setting, but engine.name={engine.get('name')}",
+            None,
+            f"choose engine=vllm, or remove it: ~engine.{key}",
+        )
+        for key in _VLLM_KEYS
+        if key in engine
+    ]
 
 
 def _runtime_rules(runtime: Mapping[str, Any], model: Mapping[str, Any]) -> list[Problem]:

@@ -196,12 +196,64 @@ class Runtime:
 
 
 @dataclass(frozen=True)
+class Parallel:
+    """Ranks that run the model together: world size = tp_size × pp_size (1: one process)."""
+
+    tp_size: int = 1
+    pp_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+
+class Rendezvous(enum.StrEnum):
+    STATIC = "static"  # fixed node ranks, node 0 at master_addr:master_port
+    C10D = "c10d"  # torchrun's c10d rendezvous at that endpoint assigns node ranks
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where the ranks run and how they meet (torchrun's flags and the ranks' environment)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    rendezvous: Rendezvous = Rendezvous.STATIC
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    join_timeout_s: float = 300.0
+    omp_num_threads: int | None = None  # None: this node's cores divided among its ranks
+    socket_ifname: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class EngineName(enum.StrEnum):
+    TRANSFORMERS = "transformers"  # glmdeploy loads and runs it (device map, or torchrun TP/PP)
+    VLLM = "vllm"  # glmdeploy writes vLLM's config (and starts vLLM when it is installed)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What runs the model; the vLLM settings apply with `name=vllm` only."""
+
+    name: EngineName = EngineName.TRANSFORMERS
+    gpu_memory_utilization: float = 0.92
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enforce_eager: bool = False
+
+
+@dataclass(frozen=True)
 class Deployment:
     model: ModelSpec
     gpus: GpuSelection
     precision: Precision
     placement: Placement
     runtime: Runtime
+    parallel: Parallel = Parallel()
+    launch: Launch = Launch()
+    engine: Engine = Engine()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str, sort_keys=True)
@@ -223,9 +275,15 @@ class Deployment:
             else f"/{self.precision.quantization}"
         )
         r = self.runtime
+        p = self.parallel
+        layout = f"placement {self.placement.strategy}"
+        if p.world_size > 1:
+            layout = f"tp {p.tp_size} × pp {p.pp_size}"
+            layout += f" on {self.launch.nnodes} nodes" if self.launch.nnodes > 1 else ""
+        engine = ", engine vllm" if self.engine.name is EngineName.VLLM else ""
         return (
             f"{self.model.name} on {gpus}, {self.precision.dtype}{quant}, "
-            f"placement {self.placement.strategy}, {r.batch_size}×{r.max_context_tokens} tokens"
+            f"{layout}, {r.batch_size}×{r.max_context_tokens} tokens{engine}"
         )
 
 
@@ -289,6 +347,43 @@ def deployment_from_dict(cfg: Mapping[str, Any]) -> Deployment:
             prompt=str(r.get("prompt", "The capital of France is")),
             kv_cache_dtype=Dtype(r.get("kv_cache_dtype", "auto")),
         ),
+        parallel=_parallel(cfg.get("parallel") or {}),
+        launch=_launch(cfg.get("launch") or {}),
+        engine=_engine(cfg.get("engine") or {}),
+    )
+
+
+def _parallel(p: Mapping[str, Any]) -> Parallel:
+    return Parallel(tp_size=int(p.get("tp_size", 1)), pp_size=int(p.get("pp_size", 1)))
+
+
+def _launch(la: Mapping[str, Any]) -> Launch:
+    default = Launch()
+    threads = la.get("omp_num_threads")
+    return Launch(
+        nnodes=int(la.get("nnodes", default.nnodes)),
+        node_rank=int(la.get("node_rank", default.node_rank)),
+        rendezvous=Rendezvous(la.get("rendezvous", default.rendezvous)),
+        master_addr=str(la.get("master_addr", default.master_addr)),
+        master_port=int(la.get("master_port", default.master_port)),
+        join_timeout_s=float(la.get("join_timeout_s", default.join_timeout_s)),
+        omp_num_threads=int(threads) if threads is not None else None,
+        socket_ifname=la.get("socket_ifname"),
+        env={str(k): str(v) for k, v in (la.get("env") or {}).items()},
+    )
+
+
+def _engine(e: Mapping[str, Any]) -> Engine:
+    default = Engine()
+    return Engine(
+        name=EngineName(e.get("name", default.name)),
+        gpu_memory_utilization=float(
+            e.get("gpu_memory_utilization", default.gpu_memory_utilization)
+        ),
+        max_num_seqs=e.get("max_num_seqs"),
+        max_num_batched_tokens=e.get("max_num_batched_tokens"),
+        block_size=int(e.get("block_size", default.block_size)),
+        enforce_eager=bool(e.get("enforce_eager", default.enforce_eager)),
     )
 
 
