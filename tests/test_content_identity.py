@@ -161,11 +161,8 @@ def test_concurrent_writers_leave_one_valid_entry(tmp_path: Path) -> None:
         "c.RACY_SECONDS = -1.0; print(c.file_digests([Path(sys.argv[1])], "
         "cache_dir=Path(sys.argv[2]))[0])"
     )
-    procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(path), str(hashes)],
-                         stdout=subprocess.PIPE, text=True)  # fmt: skip
-        for _ in range(4)
-    ]
+    argv = [sys.executable, "-c", script, str(path), str(hashes)]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(4)]
     digests = {p.communicate()[0].strip() for p in procs}
     assert len(digests) == 1 and all(p.returncode == 0 for p in procs)
     assert [p.name for p in hashes.iterdir()] == [p.name for p in hashes.glob("*.json")]

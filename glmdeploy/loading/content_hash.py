@@ -145,7 +145,7 @@ def _write_entry(path: Path, cache_dir: Path | None, identity: dict[str, int], d
 
 @contextmanager
 def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A bytes progress bar on stderr; yields the function that advances it (a no-op if disabled)."""
+    """A bytes progress bar on stderr; yields the function that advances it (no-op: disabled)."""
     if not enabled:
         yield lambda n: None
         return
