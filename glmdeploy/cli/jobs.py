@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from glmdeploy.loading.loader import LoadedModel
     from glmdeploy.planning.deployment_plan import PlannedDeployment
     from glmdeploy.planning.types import Plan
+    from glmdeploy.records.record import RecordWriter
 
 _T = TypeVar("_T")
 
@@ -160,17 +161,14 @@ def run_job(ctx: JobContext) -> int:
     if ctx.run_dir is not None:
         from glmdeploy.records.record import RecordWriter, new_record
 
-        record = new_record(ctx.command, ctx.overrides, ctx.choices, ctx.config, ctx.deployment)
+        record = new_record(ctx.command, ctx.overrides, ctx.choices, ctx.config, ctx.deployment,
+                            progress=not ctx.json)  # fmt: skip
         writer = RecordWriter(ctx.run_dir).start(record)
     try:
         JOBS[ctx.command](ctx)
     except BaseException as exc:
         if writer is not None:
-            writer.record.results.update(ctx.results)
-            writer.record.timings.update(ctx.timings)
-            if ctx.plan is not None:
-                writer.save_plan(ctx.plan)
-            writer.fail(exc)
+            _record_failure(writer, exc, ctx)
         raise
     if writer is not None:
         writer.finish("ok", results=ctx.results, plan=ctx.plan, timings=ctx.timings)
@@ -184,6 +182,20 @@ def run_job(ctx: JobContext) -> int:
             payload["plan"] = ctx.plan.to_dict()
         print(json.dumps(payload, indent=2, default=str))
     return ExitCode.OK
+
+
+def _record_failure(writer: RecordWriter, exc: BaseException, ctx: JobContext) -> None:
+    """Finish the record `failed`/`interrupted`; if it cannot be written, say so after `exc`."""
+    from glmdeploy.problems import OutputError, render_problems
+
+    writer.record.results.update(ctx.results)
+    writer.record.timings.update(ctx.timings)
+    try:
+        if ctx.plan is not None:
+            writer.save_plan(ctx.plan)
+        writer.fail(exc)
+    except OutputError as lost:
+        print(render_problems(lost.title, lost.problems), file=sys.stderr)
 
 
 def replay_run(run_dir: Path, *, json_out: bool = False) -> int:

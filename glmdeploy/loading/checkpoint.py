@@ -245,6 +245,35 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     return dict(loaded)
 
 
+def check_float_weights(infos: Mapping[str, TensorInfo], *, quantized: bool = False) -> None:
+    """Raise LoadError naming each file and tensor where a weight is stored as integers or bools.
+
+    A model's parameters (`*.weight`, `*.bias`) are floating point in every architecture glmdeploy
+    loads; integer ones come from a corrupt or mislabelled file, and transformers would cast them
+    silently. A quantised checkpoint stores integers on purpose: pass `quantized` (its config.json
+    has a `quantization_config`).
+    """
+    if quantized:
+        return
+    wrong: dict[Path, list[str]] = {}
+    for name, info in infos.items():
+        if name.rsplit(".", 1)[-1] in ("weight", "bias") and not _floating(info.dtype):
+            wrong.setdefault(info.file, []).append(f"{name} ({info.dtype})")
+    if wrong:
+        expected = "a floating-point dtype (F32, F16, BF16)"
+        hint = f"the file is corrupt or mislabelled: {_AGAIN}"
+        raise LoadError(
+            [
+                Problem(str(file), f"weights stored as integers: {_names(names)}", expected, hint)
+                for file, names in sorted(wrong.items())
+            ]
+        )
+
+
+def _floating(dtype: str) -> bool:
+    return bool(getattr(torch, dtype).is_floating_point)
+
+
 def iter_tensors(
     directory: Path, names: Collection[str] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:

@@ -168,8 +168,18 @@ def restore_plan(deployment: Deployment, anatomy: Anatomy, devices: tuple[Device
 
 
 def save_plan(plan: Plan, path: Path) -> None:
-    """Write a plan as JSON, atomically (a temp file renamed over the target)."""
-    atomic.write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+    """Write a plan as JSON, atomically (a temp file renamed over the target).
+
+    Raises:
+        OutputError: `path` cannot be written (a directory, a missing directory, a full disk).
+    """
+    from glmdeploy.outputs import check_file, output_error
+
+    check_file(path, "the plan file")
+    try:
+        atomic.write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+    except OSError as exc:
+        raise output_error(path, exc, "the plan file") from exc
 
 
 def describe_source(deployment: Deployment) -> str:
