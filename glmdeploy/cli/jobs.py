@@ -211,9 +211,16 @@ def replay_run(run_dir: Path, *, json_out: bool = False) -> int:
     from glmdeploy.records.replay import differences
 
     record = read_record(run_dir)
+    if record.command not in JOBS:
+        from glmdeploy.problems import ConfigError, Problem, one_of
+
+        where = f"{run_dir / 'run.json'}:command"
+        found = f"{record.command!r} is not a job glmdeploy can replay"
+        raise ConfigError([Problem(where, found, one_of(JOBS))], "not a glmdeploy run directory")
     config = dict(record.config)
     plan_json = run_dir / "plan.json"
-    if record.status == "ok" and plan_json.is_file():  # exactly that plan, refused if mismatched
+    if record.status == "ok" and plan_json.is_file() and isinstance(config.get("placement"), dict):
+        # exactly that plan, refused if mismatched
         placement = {k: v for k, v in config["placement"].items() if k != "map"}
         config["placement"] = {**placement, "strategy": "plan_file", "plan_file": str(plan_json)}
     deployment = validate_dict(config)

@@ -287,18 +287,21 @@ class RecordWriter:
 
 
 def read_record(run_dir: Path | str) -> RunRecord:
-    """The record in `run_dir`. Raises ConfigError when there is none or it cannot be read."""
+    """The record in `run_dir`, checked against its schema (`schemas/run.schema.json`).
+
+    Raises:
+        ConfigError: there is no record, or it is not one (each problem names the file).
+    """
+    from glmdeploy.formats import read_document
+
     path = Path(run_dir) / RUN_JSON
-    hint = "give a run directory written by glmdeploy plan/load/generate/bench (it holds run.json)"
-    try:
-        return RunRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError as exc:
+    title = "not a glmdeploy run directory"
+    if not path.is_file() and not path.is_dir():
+        hint = "give a run directory written by glmdeploy plan/load/generate/bench (with run.json)"
         what = "no run.json here" if Path(run_dir).is_dir() else "no such directory"
         problem = Problem(str(run_dir), what, "a glmdeploy run directory", hint)
-        raise ConfigError([problem], "not a glmdeploy run directory") from exc
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
-        problem = Problem(str(path), f"cannot read the run record: {exc}", RECORD_FORMAT, hint)
-        raise ConfigError([problem], "not a glmdeploy run directory") from exc
+        raise ConfigError([problem], title)
+    return RunRecord.from_dict(read_document(path, "run", title=title))
 
 
 def _plain(value: Any) -> Any:
