@@ -171,3 +171,19 @@ def test_converted_and_materialised_checkpoints_honour_the_umask(
     materialised = materialize(TINY_ARCH, seed=0, root=tmp_path / "embedded")
     assert modes(materialised) == expected
     shutil.rmtree(tmp_path / "native")
+
+
+def test_concurrent_load_time_conversions_of_one_checkpoint_convert_once(tmp_path: Path) -> None:
+    script = (
+        "import sys; from pathlib import Path; from glmdeploy.loading.convert import ensure_native;"
+        " print(ensure_native(Path(sys.argv[1]), Path(sys.argv[2]), progress=False).path)"
+    )
+    argv = [sys.executable, "-c", script, str(FIXTURE), str(tmp_path / "cache")]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    paths = {p.communicate()[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs) and len(paths) == 1
+    converted = Path(paths.pop())
+    assert (converted / MARKER).is_file()
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == [
+        converted.name
+    ]
