@@ -167,3 +167,16 @@ def test_concurrent_writers_leave_one_valid_entry(tmp_path: Path) -> None:
     assert len(digests) == 1 and all(p.returncode == 0 for p in procs)
     assert [p.name for p in hashes.iterdir()] == [p.name for p in hashes.glob("*.json")]
     assert cached_digest(path, hashes) == digests.pop()
+
+
+def test_plan_reads_no_weights_to_record_its_checkpoint(
+    cli: Any, cache: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    result = cli("plan", "model=local", f"model.source.path={FIXTURE}", "gpus=cpu",
+                 f"hydra.run.dir={run}")  # fmt: skip
+    assert result.code == 0, result.err
+    assert json.loads((run / "run.json").read_text())["checkpoint"]["fingerprint"] is None
+    assert not (cache / "file-hashes").exists()  # nothing was hashed
+    replay = cli("replay", str(run))
+    assert replay.code == 0 and "environment and checkpoint match the record" in replay.out

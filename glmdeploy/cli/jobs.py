@@ -207,7 +207,7 @@ def replay_run(run_dir: Path, *, json_out: bool = False) -> int:
     """
     from glmdeploy.config.validate import validate_dict
     from glmdeploy.hardware.environment import environment_facts
-    from glmdeploy.records.record import checkpoint_facts, read_record
+    from glmdeploy.records.record import WEIGHTLESS_COMMANDS, checkpoint_facts, read_record
     from glmdeploy.records.replay import differences
 
     record = read_record(run_dir)
@@ -225,7 +225,9 @@ def replay_run(run_dir: Path, *, json_out: bool = False) -> int:
         config["placement"] = {**placement, "strategy": "plan_file", "plan_file": str(plan_json)}
     deployment = validate_dict(config)
     out = sys.stderr if json_out else sys.stdout
-    diffs = differences(record, environment_facts(), checkpoint_facts(deployment.model))
+    weights = record.command not in WEIGHTLESS_COMMANDS
+    now = checkpoint_facts(deployment.model, weights=weights, progress=not json_out)
+    diffs = differences(record, environment_facts(), now)
     print(f"replaying {record.command} from {run_dir} (recorded {record.status})", file=out)
     for line in diffs or ["environment and checkpoint match the record"]:
         print(f"  {'differs: ' if diffs else ''}{line}", file=out)

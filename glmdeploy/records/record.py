@@ -26,6 +26,7 @@ from glmdeploy.problems import ConfigError, ExitCode, GlmDeployError, OutputErro
 RECORD_FORMAT = "glmdeploy.run/1"
 RUN_JSON, PLAN_JSON, PLAN_PNG, RESOLVED_YAML = "run.json", "plan.json", "plan.png", "resolved.yaml"
 Status = Literal["running", "ok", "failed", "interrupted"]
+WEIGHTLESS_COMMANDS = frozenset({"plan"})  # jobs that read no weights: no content fingerprint
 _RUN_DIR_HINT = "set hydra.run.dir=DIR to a directory you can write, or free some space"
 
 
@@ -82,7 +83,9 @@ def new_record(
     """A record started now, with this machine's environment and the checkpoint's facts
     (`progress`: show the first hashing of a local checkpoint's weights)."""
     choices = {str(k): str(v) for k, v in choices.items()}
-    env, checkpoint = environment_facts(), checkpoint_facts(deployment.model, progress=progress)
+    weights = command not in WEIGHTLESS_COMMANDS
+    checkpoint = checkpoint_facts(deployment.model, weights=weights, progress=progress)
+    env = environment_facts()
     return RunRecord(command, dict(config), list(overrides), choices, started_at=_now(),
                      environment=env, checkpoint=checkpoint)  # fmt: skip
 
@@ -96,11 +99,14 @@ def _gpu_keys_as_ints(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def checkpoint_facts(model: ModelSpec, *, progress: bool = False) -> dict[str, Any] | None:
+def checkpoint_facts(
+    model: ModelSpec, *, weights: bool = True, progress: bool = False
+) -> dict[str, Any] | None:
     """Where the weights come from and their content fingerprint (None: plan-only, no weights).
 
     The first look at a local checkpoint hashes its weight files (cached; see
-    `glmdeploy.loading.content_hash`), with a progress bar on stderr when `progress`."""
+    `glmdeploy.loading.content_hash`), with a progress bar on stderr when `progress`; a job that
+    reads no weights (`weights=False`, e.g. `plan`) records no fingerprint and reads none."""
     src = model.source
     if src.kind is SourceKind.NONE:
         return None
@@ -115,6 +121,9 @@ def checkpoint_facts(model: ModelSpec, *, progress: bool = False) -> dict[str, A
 
     path = Path(src.path or "").expanduser().resolve()
     facts: dict[str, Any] = {"kind": "local", "path": str(path), "layout": str(src.layout)}
+    if not weights:
+        facts["fingerprint"] = None
+        return facts
     try:
         facts["fingerprint"] = fingerprint(path, progress=progress)
     except (GlmDeployError, OSError) as exc:  # the load step reports it properly
