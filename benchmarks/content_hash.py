@@ -1,7 +1,7 @@
 """What a checkpoint's content identity costs: the first hash of a large weight file, and the
 cached re-check that every later run pays.
 
-    python benchmarks/content_hash.py [GIB]    # default 3 GiB; the file is deleted afterwards
+    python benchmarks/content_hash.py [GIB [SHARDS]]   # default 3 GiB in 1 file; deleted afterwards
 
 The file is written in a temporary directory (`TMPDIR`), so the first hash reads it from the page
 cache: it measures hashing, not the disk. A cold read is bounded by the disk as well.
@@ -21,26 +21,33 @@ from glmdeploy.loading.content_hash import cached_digest, file_digests
 
 def main() -> None:
     gib = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
-    size = int(gib * 2**30)
+    shards = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    size = int(gib * 2**30) // shards
     with tempfile.TemporaryDirectory() as tmp:
-        path, cache = Path(tmp) / "model-00001-of-00001.safetensors", Path(tmp) / "hashes"
+        cache = Path(tmp) / "hashes"
+        paths = [
+            Path(tmp) / f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)
+        ]
         block = os.urandom(64 * 2**20)
-        with path.open("wb") as f:
-            for offset in range(0, size, len(block)):
-                f.write(block[: min(len(block), size - offset)])
-        content_hash.RACY_SECONDS = -1.0  # the file was written a moment ago: cache it anyway
+        for path in paths:
+            with path.open("wb") as f:
+                for offset in range(0, size, len(block)):
+                    f.write(block[: min(len(block), size - offset)])
+        content_hash.RACY_SECONDS = -1.0  # the files were written a moment ago: cache them anyway
         start = time.perf_counter()
-        (first,) = file_digests([path], cache_dir=cache)
+        first = file_digests(paths, cache_dir=cache)
         hashed = time.perf_counter() - start
         start = time.perf_counter()
-        again = cached_digest(path, cache)
+        again = [cached_digest(path, cache) for path in paths]
         recheck = time.perf_counter() - start
         assert again == first
-        print(f"| file | first hash ({content_hash.ALGORITHM}) | throughput | cached re-check |")
-        print("|---|---|---|---|")
+        total = size * shards
+        print(f"| weights | files | first hash ({content_hash.ALGORITHM}) | throughput | "
+              "cached re-check (all files) |")  # fmt: skip
+        print("|---|---|---|---|---|")
         print(
-            f"| {size / 1e9:.2f} GB | {hashed:.2f} s | {size / hashed / 1e9:.2f} GB/s | "
-            f"{recheck * 1e3:.2f} ms |"
+            f"| {total / 1e9:.2f} GB | {shards} | {hashed:.2f} s | "
+            f"{total / hashed / 1e9:.2f} GB/s | {recheck * 1e3:.2f} ms |"
         )
 
 
