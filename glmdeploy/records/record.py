@@ -2,7 +2,9 @@
 
 `run.json` is written when the job starts (`running`) and rewritten when it ends (`ok`, `failed`
 with the error, `interrupted`). Every file goes to a temporary name renamed over the target, so a
-run directory never holds a half-written file. `plan.json` is what `placement=plan_file` reads.
+run directory never holds a half-written file. A record that can no longer be written (a full disk)
+never goes on saying `running`: it becomes a small `failed` record, or is removed, and the writer
+raises `OutputError`. `plan.json` is what `placement=plan_file` reads.
 """
 
 from __future__ import annotations
