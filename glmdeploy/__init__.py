@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         GlmDeployError,
         HardwareError,
         LoadError,
+        OutputError,
         Problem,
     )
 
@@ -37,6 +38,7 @@ __all__ = [
     "HardwareError",
     "LoadError",
     "LoadedModel",
+    "OutputError",
     "Plan",
     "PlanDoesNotFit",
     "PlannedDeployment",
@@ -62,6 +64,7 @@ __getattr__, __dir__ = lazy_exports(
         "HardwareError": "glmdeploy.problems",
         "LoadError": "glmdeploy.problems",
         "LoadedModel": "glmdeploy.loading.loader",
+        "OutputError": "glmdeploy.problems",
         "Plan": "glmdeploy.planning.types",
         "PlanDoesNotFit": "glmdeploy.planning.types",
         "PlannedDeployment": "glmdeploy.planning.deployment_plan",

@@ -74,6 +74,11 @@ class LoadError(GlmDeployError):
     title = "cannot load the model"
 
 
+class OutputError(GlmDeployError):
+    exit_code = ExitCode.CONFIG  # the output location given (or its disk) cannot be written
+    title = "cannot write the output"
+
+
 class DoesNotFitError(GlmDeployError):
     exit_code = ExitCode.DOES_NOT_FIT
     title = "the deployment does not fit"

@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -188,3 +189,65 @@ def test_duplicate_tensor_across_shards(state: dict[str, torch.Tensor], tmp_path
 def test_unknown_tensor_name(tmp_path: Path) -> None:
     with pytest.raises(LoadError, match="no tensor `nope`"):
         read_tensors(FIXTURE, ["nope"])
+
+
+def mislabel(path: Path, tensor: str, dtype: str = "I32") -> None:
+    """Rewrite the safetensors header of `path` so that `tensor` claims `dtype` (data unchanged)."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    header[tensor]["dtype"] = dtype
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    assert len(text) == length
+    path.write_bytes(raw[:8] + text + raw[8 + length :])
+
+
+QKV = "transformer.encoder.layers.1.self_attention.query_key_value.weight"
+
+
+@pytest.mark.parametrize("dtype", ["I32", "U8", "BOOL", "I64"])
+def test_a_legacy_checkpoint_with_integer_weights_is_refused(
+    cli: Any, tmp_path: Path, dtype: str
+) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE, src)
+    mislabel(src / "model.safetensors", QKV, dtype)
+    result = cli("convert", str(src), str(tmp_path / "dst"))
+    assert result.code == 4, result.err
+    assert f"{src / 'model.safetensors'}: weights stored as integers: `{QKV} (" in result.err
+    assert "expected: a floating-point dtype" in result.err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_a_native_checkpoint_with_integer_weights_is_refused_before_loading(
+    cli: Any, tmp_path: Path
+) -> None:
+    from glmdeploy.loading.convert import convert_checkpoint
+
+    native = tmp_path / "native"
+    convert_checkpoint(FIXTURE, native, progress=False)
+    (shard,) = native.glob("model-*.safetensors")
+    mislabel(shard, "model.layers.0.mlp.down_proj.weight")
+    result = cli(
+        "generate", "model=local", f"model.source.path={native}", "gpus=cpu",
+        f"hydra.run.dir={tmp_path}/run",
+    )  # fmt: skip
+    assert result.code == 4, result.err
+    assert (
+        f"{shard}: weights stored as integers: `model.layers.0.mlp.down_proj.weight (int32)`"
+        in (result.err)
+    )
+    assert "Traceback" not in result.err
+
+
+def test_integer_weights_of_a_quantised_checkpoint_are_expected(tmp_path: Path) -> None:
+    from glmdeploy.loading.checkpoint import check_float_weights
+
+    path = tmp_path / "model.safetensors"
+    save_file({"q.weight": torch.zeros(4, dtype=torch.int8), "q.scale": torch.ones(1)}, path)
+    infos = list_tensors(tmp_path)
+    with pytest.raises(LoadError, match=r"weights stored as integers: `q\.weight"):
+        check_float_weights(infos)
+    check_float_weights(infos, quantized=True)
+    save_file({"position_ids": torch.arange(4), "w.weight": torch.ones(2)}, path)
+    check_float_weights(list_tensors(tmp_path))  # integer buffers are not weights

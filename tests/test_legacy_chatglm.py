@@ -452,14 +452,14 @@ def test_destination_in_use_and_side_files(tmp_path: Path) -> None:
 
 def test_ensure_native_converts_once(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    converted = ensure_native(FIXTURE, cache, progress=False)
+    converted = ensure_native(FIXTURE, cache, progress=False).path
     assert converted.parent == cache and (converted / MARKER).is_file()
     shard = converted / "model-00001-of-00001.safetensors"
     stamp = shard.stat().st_mtime_ns
-    assert ensure_native(FIXTURE, cache, progress=False) == converted
+    assert ensure_native(FIXTURE, cache, progress=False).path == converted
     assert shard.stat().st_mtime_ns == stamp  # reused, not redone
     (converted / MARKER).unlink()  # an interrupted earlier run: redone
-    assert ensure_native(FIXTURE, cache, progress=False) == converted
+    assert ensure_native(FIXTURE, cache, progress=False).path == converted
     assert (converted / MARKER).is_file()
-    assert ensure_native(converted, cache) == converted  # already native
+    assert ensure_native(converted, cache).path == converted  # already native
     assert_reproduces_reference(converted)

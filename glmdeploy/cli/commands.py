@@ -59,6 +59,10 @@ def cmd_job(args: Args) -> int:
     from glmdeploy.config.deployments import load_deployment, load_deployments
 
     source = args.source()
+    if args.save:
+        from glmdeploy.outputs import check_file
+
+        check_file(args.save, "the plan file (--save)")
     if args.multirun:
         from glmdeploy.cli.sweep_launcher import launch_sweep, sweep_dir
         from glmdeploy.config.sweep import expand_sweep
@@ -140,6 +144,8 @@ def cmd_convert(args: Args) -> int:
 
     src, dst = (Path(p) for p in args.positional)
     result = convert_checkpoint(src, dst, progress=not args.json, overwrite=args.overwrite)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         print_json(
             {

@@ -16,6 +16,30 @@ if TYPE_CHECKING:
     from glmdeploy.config.locations import ConfigSource
 
 JobFn = Callable[[dict[str, Any], Args], int]
+_REFUSED: list[GlmDeployError] = []  # what `RunDirCheck` found, raised by `run_hydra`
+
+
+class RunDirCheck:
+    """A Hydra callback: check `hydra.run.dir` (as Hydra resolved it) before Hydra creates it.
+
+    Hydra reports its own failures as tracebacks, and turns a callback's exceptions into
+    warnings; so the error is kept in `_REFUSED` and the run stopped with SystemExit.
+    """
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        from glmdeploy.outputs import check_directory
+
+        try:
+            check_directory(str(config.hydra.run.dir), "the run directory (hydra.run.dir)",
+                            hint="set hydra.run.dir=DIR to a directory you can write")  # fmt: skip
+        except GlmDeployError as exc:
+            _REFUSED.append(exc)
+            raise SystemExit(int(exc.exit_code)) from exc
+
+    def __getattr__(self, name: str) -> Callable[..., None]:  # Hydra's other callback events
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
 
 
 def run_hydra(args: Args, source: ConfigSource, job: JobFn | None) -> int:
@@ -54,14 +78,20 @@ def run_hydra(args: Args, source: ConfigSource, job: JobFn | None) -> int:
         config_path=str(source.shipped_dir), config_name=source.config_name,
         version_base=VERSION_BASE,
     )(task)  # fmt: skip
+    if job is not None:
+        target = f"{RunDirCheck.__module__}.{RunDirCheck.__qualname__}"
+        flags.append(f"+hydra.callbacks.glmdeploy_run_dir._target_={target}")
     saved = sys.argv
     sys.argv = [f"glmdeploy {args.command}", *flags, *args.overrides]
+    _REFUSED.clear()
     if args.debug:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # the whole traceback, not Hydra's abridged one
     try:
         with search_path(source):
             app()
     except SystemExit as exc:  # Hydra reports its own failures with sys.exit(1)
+        if _REFUSED:
+            raise _REFUSED[0] from None
         return ExitCode.CONFIG if exc.code not in (0, None) else ExitCode.OK
     except ValueError as exc:  # Hydra's own argument checks, e.g. --resolve without --cfg
         raise ConfigError(

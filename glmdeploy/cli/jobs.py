@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from glmdeploy.loading.loader import LoadedModel
     from glmdeploy.planning.deployment_plan import PlannedDeployment
     from glmdeploy.planning.types import Plan
+    from glmdeploy.records.record import RecordWriter
 
 _T = TypeVar("_T")
 
@@ -160,17 +161,14 @@ def run_job(ctx: JobContext) -> int:
     if ctx.run_dir is not None:
         from glmdeploy.records.record import RecordWriter, new_record
 
-        record = new_record(ctx.command, ctx.overrides, ctx.choices, ctx.config, ctx.deployment)
+        record = new_record(ctx.command, ctx.overrides, ctx.choices, ctx.config, ctx.deployment,
+                            progress=not ctx.json)  # fmt: skip
         writer = RecordWriter(ctx.run_dir).start(record)
     try:
         JOBS[ctx.command](ctx)
     except BaseException as exc:
         if writer is not None:
-            writer.record.results.update(ctx.results)
-            writer.record.timings.update(ctx.timings)
-            if ctx.plan is not None:
-                writer.save_plan(ctx.plan)
-            writer.fail(exc)
+            _record_failure(writer, exc, ctx)
         raise
     if writer is not None:
         writer.finish("ok", results=ctx.results, plan=ctx.plan, timings=ctx.timings)
@@ -186,6 +184,20 @@ def run_job(ctx: JobContext) -> int:
     return ExitCode.OK
 
 
+def _record_failure(writer: RecordWriter, exc: BaseException, ctx: JobContext) -> None:
+    """Finish the record `failed`/`interrupted`; if it cannot be written, say so after `exc`."""
+    from glmdeploy.problems import OutputError, render_problems
+
+    writer.record.results.update(ctx.results)
+    writer.record.timings.update(ctx.timings)
+    try:
+        if ctx.plan is not None:
+            writer.save_plan(ctx.plan)
+        writer.fail(exc)
+    except OutputError as lost:
+        print(render_problems(lost.title, lost.problems), file=sys.stderr)
+
+
 def replay_run(run_dir: Path, *, json_out: bool = False) -> int:
     """Re-run a recorded job with its resolved config and saved plan; report what differs.
 
@@ -195,18 +207,27 @@ def replay_run(run_dir: Path, *, json_out: bool = False) -> int:
     """
     from glmdeploy.config.validate import validate_dict
     from glmdeploy.hardware.environment import environment_facts
-    from glmdeploy.records.record import checkpoint_facts, read_record
+    from glmdeploy.records.record import WEIGHTLESS_COMMANDS, checkpoint_facts, read_record
     from glmdeploy.records.replay import differences
 
     record = read_record(run_dir)
+    if record.command not in JOBS:
+        from glmdeploy.problems import ConfigError, Problem, one_of
+
+        where = f"{run_dir / 'run.json'}:command"
+        found = f"{record.command!r} is not a job glmdeploy can replay"
+        raise ConfigError([Problem(where, found, one_of(JOBS))], "not a glmdeploy run directory")
     config = dict(record.config)
     plan_json = run_dir / "plan.json"
-    if record.status == "ok" and plan_json.is_file():  # exactly that plan, refused if mismatched
+    if record.status == "ok" and plan_json.is_file() and isinstance(config.get("placement"), dict):
+        # exactly that plan, refused if mismatched
         placement = {k: v for k, v in config["placement"].items() if k != "map"}
         config["placement"] = {**placement, "strategy": "plan_file", "plan_file": str(plan_json)}
     deployment = validate_dict(config)
     out = sys.stderr if json_out else sys.stdout
-    diffs = differences(record, environment_facts(), checkpoint_facts(deployment.model))
+    weights = record.command not in WEIGHTLESS_COMMANDS
+    now = checkpoint_facts(deployment.model, weights=weights, progress=not json_out)
+    diffs = differences(record, environment_facts(), now)
     print(f"replaying {record.command} from {run_dir} (recorded {record.status})", file=out)
     for line in diffs or ["environment and checkpoint match the record"]:
         print(f"  {'differs: ' if diffs else ''}{line}", file=out)

@@ -46,7 +46,10 @@ def launch_sweep(
     Ctrl-C stops the sweep: the running children are interrupted too (same process group) and
     mark their records `interrupted`; jobs not started yet are listed as such in `sweep.json`.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    from glmdeploy.outputs import make_directory
+
+    hint = "set hydra.sweep.dir=DIR to a directory you can write"
+    make_directory(root, "the sweep directory (hydra.sweep.dir)", hint=hint)
     plain = [[o for o in job if not o.startswith("hydra.sweep.")] for job in jobs]
     (root / "sweep.json").write_text(json.dumps(
         {"command": command, "jobs": [{"num": i, "overrides": j} for i, j in enumerate(plain)]},

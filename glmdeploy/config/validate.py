@@ -245,3 +245,8 @@ def _describe_value(value: Any) -> str:
     }
     shown = json.dumps(value) if not isinstance(value, dict | list) else json.dumps(value)[:60]
     return f"{names.get(type(value), type(value).__name__)} {shown}"
+
+
+def schema_error_problems(error: Any) -> list[Problem]:
+    """The problems of one jsonschema error, for any of glmdeploy's schemas (paths as overrides)."""
+    return list(_translate(error))

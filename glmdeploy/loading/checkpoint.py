@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
+from glmdeploy.loading.content_hash import file_digests
 from glmdeploy.problems import LoadError, Problem, one_of
 
 SAFETENSORS = "model.safetensors"
@@ -26,7 +27,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 _MAX_HEADER_BYTES = 100 * 1024**2  # the safetensors library's own limit
-_BIN_TAIL_BYTES = 1024**2  # enough for a .bin's zip central directory (a CRC-32 per record)
 _SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -245,6 +245,35 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     return dict(loaded)
 
 
+def check_float_weights(infos: Mapping[str, TensorInfo], *, quantized: bool = False) -> None:
+    """Raise LoadError naming each file and tensor where a weight is stored as integers or bools.
+
+    A model's parameters (`*.weight`, `*.bias`) are floating point in every architecture glmdeploy
+    loads; integer ones come from a corrupt or mislabelled file, and transformers would cast them
+    silently. A quantised checkpoint stores integers on purpose: pass `quantized` (its config.json
+    has a `quantization_config`).
+    """
+    if quantized:
+        return
+    wrong: dict[Path, list[str]] = {}
+    for name, info in infos.items():
+        if name.rsplit(".", 1)[-1] in ("weight", "bias") and not _floating(info.dtype):
+            wrong.setdefault(info.file, []).append(f"{name} ({info.dtype})")
+    if wrong:
+        expected = "a floating-point dtype (F32, F16, BF16)"
+        hint = f"the file is corrupt or mislabelled: {_AGAIN}"
+        raise LoadError(
+            [
+                Problem(str(file), f"weights stored as integers: {_names(names)}", expected, hint)
+                for file, names in sorted(wrong.items())
+            ]
+        )
+
+
+def _floating(dtype: str) -> bool:
+    return bool(getattr(torch, dtype).is_floating_point)
+
+
 def iter_tensors(
     directory: Path, names: Collection[str] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -281,26 +310,19 @@ def read_tensors(directory: Path, names: Collection[str]) -> dict[str, torch.Ten
     return dict(iter_tensors(directory, names))
 
 
-def fingerprint(directory: Path) -> str:
-    """A cheap fingerprint (sha256 hex) of the checkpoint's weights, for run records and caches.
+def fingerprint(directory: Path, *, progress: bool = False) -> str:
+    """The checkpoint's content identity (sha256 hex), for run records and the conversion cache.
 
-    Covers the index and each weight file's name and size, plus each safetensors header (names,
-    dtypes, shapes, offsets) and the tail of each `.bin` (its zip central directory, which holds a
-    CRC-32 of every record). No tensor data is read, so a same-size in-place edit of safetensors
-    data goes unnoticed.
+    Covers config.json, the index, and each weight file's name, size and content hash (see
+    `glmdeploy.loading.content_hash`: streamed once, then reused while the file is unchanged), so
+    any edit of any weight byte changes it.
     """
     files = find_weight_files(directory)
-    digest = hashlib.sha256(f"glmdeploy-checkpoint-v1\n{files.format}\n".encode())
-    if files.index is not None:
-        digest.update(files.index.read_bytes())
-    for shard in files.shards:
-        size = shard.stat().st_size
-        digest.update(f"\n{shard.name}\n{size}\n".encode())
-        with shard.open("rb") as f:
-            if files.format is WeightFormat.SAFETENSORS:
-                length = int.from_bytes(f.read(8), "little")
-                digest.update(f.read(min(length, _MAX_HEADER_BYTES)))
-            else:
-                f.seek(max(0, size - _BIN_TAIL_BYTES))
-                digest.update(f.read())
+    digest = hashlib.sha256(f"glmdeploy-checkpoint-v2\n{files.format}\n".encode())
+    for extra in (Path(directory) / "config.json", files.index):
+        if extra is not None and extra.is_file():
+            digest.update(f"\n{extra.name}\n".encode() + extra.read_bytes())
+    hashes = file_digests(files.shards, progress=progress)
+    for shard, content in zip(files.shards, hashes, strict=True):
+        digest.update(f"\n{shard.name}\n{shard.stat().st_size}\n{content}\n".encode())
     return digest.hexdigest()

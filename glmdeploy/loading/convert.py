@@ -1,7 +1,8 @@
 """Convert a legacy ChatGLM checkpoint directory into a native transformers GLM one, atomically.
 
-The result is written into a temporary directory beside the destination and renamed into place only
-when complete, so a failed or interrupted conversion leaves nothing at the destination.
+The result is built in a staging directory beside the destination and swapped into place only when
+complete (`glmdeploy.staging`): a failed or interrupted conversion leaves the destination as it was,
+and what a killed one left behind is cleaned up, or rolled back, by the next conversion there.
 """
 
 from __future__ import annotations
@@ -9,10 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +22,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 
 from glmdeploy import atomic
-from glmdeploy.loading.checkpoint import SAFETENSORS_INDEX, TensorInfo, fingerprint, iter_tensors
+from glmdeploy.loading.checkpoint import (
+    SAFETENSORS_INDEX,
+    TensorInfo,
+    check_float_weights,
+    fingerprint,
+    iter_tensors,
+)
 from glmdeploy.loading.checkpoint import list_tensors as list_checkpoint_tensors
+from glmdeploy.loading.embedded import CACHE_ENV
 from glmdeploy.model.hf_config import MODELING_SOURCE, modeling_source, read_config_json
 from glmdeploy.model.legacy_chatglm import (
     INV_FREQ,
@@ -34,11 +39,14 @@ from glmdeploy.model.legacy_chatglm import (
     native_config_dict,
     native_tensors,
 )
+from glmdeploy.outputs import check_directory, make_directory, output_error
 from glmdeploy.problems import LoadError, Problem
+from glmdeploy.staging import exclusive, publish, recover, staging
 
 CONVERTER_VERSION = 1  # bump when the output of a conversion changes: invalidates cached ones
 MARKER = "glmdeploy-conversion.json"  # written last into a cached conversion
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+_CACHE_HINT = f"set {CACHE_ENV} to a writable directory with room for the converted weights"
 _SIDE_FILES = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
                "generation_config.json")  # fmt: skip
 
@@ -53,6 +61,7 @@ class ConvertResult:
     total_bytes: int
     shards: tuple[str, ...]
     copied: tuple[str, ...]  # tokenizer and generation files copied from src
+    notes: tuple[str, ...] = ()  # leftovers of interrupted conversions that were cleaned up
 
 
 def convert_checkpoint(
@@ -78,8 +87,9 @@ def convert_checkpoint(
         max_shard_bytes: the largest output shard.
 
     Raises:
-        LoadError: the source cannot be read or converted, or `dst` is in the way. Nothing is left
-            at `dst` and the temporary directory is removed.
+        LoadError: the source cannot be read or converted, or `dst` is in the way. `dst` is left
+            as it was and the staging directory is removed.
+        OutputError: `dst` cannot be written (under a file, read-only, not enough space).
     """
     src, dst = Path(src), Path(dst)
     legacy = read_config_json(src)
@@ -93,27 +103,29 @@ def convert_checkpoint(
 
     config = GlmConfig(**native)  # transformers checks it before any weight is read
     infos = list_checkpoint_tensors(src)
+    check_float_weights(infos)
     shapes = {name: info.shape for name, info in infos.items()}
     files = {name: str(info.file) for name, info in infos.items()}
     check_tensors(shapes, legacy, files=files, config_path=config_path)
-    _check_destination(src, dst, overwrite)
+    needed = sum(info.nbytes for info in infos.values()) + 2**20
+    _check_destination(src, dst, overwrite, needed)
     plan = _plan_shards(infos, max_shard_bytes)
+    notes = tuple(recover(dst.parent)) if dst.parent.is_dir() else ()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
-        count, total, shard_names = _write_shards(src, tmp, plan, legacy, len(infos), progress)
-        config.save_pretrained(tmp)
-        copied = _copy_side_files(src, tmp)
-        _move_into_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ConvertResult(src, dst, count, total, shard_names, copied)
+        with staging(dst) as staged:
+            count, total, shard_names = _write_shards(src, staged.tmp, plan, legacy, len(infos),
+                                                      progress)  # fmt: skip
+            config.save_pretrained(staged.tmp)
+            copied = _copy_side_files(src, staged.tmp)
+            publish(staged)
+    except OSError as exc:
+        raise output_error(dst, exc, "the converted checkpoint") from exc
+    return ConvertResult(src, dst, count, total, shard_names, copied, notes)
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    if dst.exists() and not dst.is_dir():
-        raise LoadError([Problem(str(dst), "exists and is not a directory")])
+def _check_destination(src: Path, dst: Path, overwrite: bool, needed_bytes: int) -> None:
+    check_directory(dst, "the destination", needed_bytes=needed_bytes)
     resolved_src, resolved_dst = src.resolve(), dst.resolve()
     if resolved_dst == resolved_src or resolved_dst in resolved_src.parents:
         raise LoadError([Problem(str(dst), f"would overwrite the source checkpoint {src}")])
@@ -206,51 +218,75 @@ def _copy_side_files(src: Path, tmp: Path) -> tuple[str, ...]:
     return tuple(copied)
 
 
-def _move_into_place(tmp: Path, dst: Path) -> None:
-    """Rename `tmp` to `dst`; a non-empty `dst` (overwrite was checked) is swapped out first."""
-    if dst.is_dir() and any(dst.iterdir()):
-        old = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.old")
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)  # rename(2) replaces an empty directory
-
-
-def conversion_key(src: Path) -> str:
-    """What identifies a conversion: weights fingerprint, config.json, modeling code, converter."""
+def conversion_key(src: Path, checkpoint_fingerprint: str | None = None) -> str:
+    """What identifies a conversion: the checkpoint's content fingerprint (`fingerprint`, computed
+    here unless given), config.json, the modeling code, the converter version."""
     digest = hashlib.sha256(f"glmdeploy-convert-v{CONVERTER_VERSION}\n".encode())
-    digest.update(fingerprint(src).encode())
+    digest.update((checkpoint_fingerprint or fingerprint(src)).encode())
     for name in ("config.json", MODELING_SOURCE):
         path = Path(src) / name
         digest.update(path.read_bytes() if path.is_file() else b"-")
     return digest.hexdigest()
 
 
-def ensure_native(src: Path, cache_root: Path, *, progress: bool = True) -> Path:
+@dataclass(frozen=True)
+class NativeCheckpoint:
+    """What `ensure_native` gives: the directory to load, and what the user should know."""
+
+    path: Path
+    notes: tuple[str, ...] = ()
+
+
+def ensure_native(src: Path, cache_root: Path, *, progress: bool = True) -> NativeCheckpoint:
     """A checkpoint directory that transformers loads natively: `src` itself, or its conversion.
 
-    A legacy ChatGLM checkpoint is converted once into `cache_root/<key>` (see `conversion_key`);
-    a complete earlier conversion (marked by a file written last) is reused.
+    A legacy ChatGLM checkpoint is converted once into `cache_root/<key>` (see `conversion_key`:
+    any change to its weights' bytes makes a new key); a complete earlier conversion (marked by a
+    file written last) is reused. Conversions of one key are serialised by a lock; what killed
+    conversions left in the cache is removed first.
 
     Raises:
         LoadError: as `convert_checkpoint`.
+        OutputError: the cache cannot be written, or lacks the space.
     """
     src = Path(src)
     if not is_legacy_chatglm(read_config_json(src)):
-        return src
-    key = conversion_key(src)
-    target = Path(cache_root) / key[:20]
+        return NativeCheckpoint(src)
+    checkpoint_fingerprint = fingerprint(src, progress=progress)
+    key = conversion_key(src, checkpoint_fingerprint)
+    root = make_directory(cache_root, "the conversion cache", hint=_CACHE_HINT)
+    target = root / key[:20]
     if (target / MARKER).is_file():
-        return target
-    result = convert_checkpoint(src, target, progress=progress, overwrite=True)
-    record = {
-        "source": str(src.resolve()),
-        "checkpoint_fingerprint": fingerprint(src),
-        "conversion_key": key,
-        "converter_version": CONVERTER_VERSION,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "shards": list(result.shards),
-    }
-    atomic.write_text(target / MARKER, json.dumps(record, indent=2) + "\n")
-    return target
+        return NativeCheckpoint(target)
+    with exclusive(root / f".{target.name}.lock"):
+        if (target / MARKER).is_file():  # another process converted it meanwhile
+            return NativeCheckpoint(target)
+        notes = [*recover(root), *_stale_conversions(root, src)]
+        result = convert_checkpoint(src, target, progress=progress, overwrite=True)
+        record = {
+            "source": str(src.resolve()),
+            "checkpoint_fingerprint": checkpoint_fingerprint,
+            "conversion_key": key,
+            "converter_version": CONVERTER_VERSION,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "shards": list(result.shards),
+        }
+        atomic.write_text(target / MARKER, json.dumps(record, indent=2) + "\n")
+    return NativeCheckpoint(target, (*notes, *result.notes))
+
+
+def _stale_conversions(root: Path, src: Path) -> list[str]:
+    """Notes on earlier conversions of `src` (other weights then): they are the user's to remove."""
+    notes = []
+    for marker in sorted(root.glob(f"*/{MARKER}")):
+        try:
+            source = json.loads(marker.read_text(encoding="utf-8")).get("source")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if source == str(src.resolve()):
+            size = sum(p.stat().st_size for p in marker.parent.iterdir() if p.is_file())
+            notes.append(
+                f"{src} changed since it was converted into {marker.parent} ({size / 1e9:.2f} GB):"
+                " remove that directory once no run uses it"
+            )
+    return notes

@@ -4,8 +4,8 @@ The weights are what `AutoModelForCausalLM.from_config` initialises after `torch
 (fp32, CPU), saved with `save_pretrained` (config.json + model.safetensors). The cache key covers
 the architecture, the seed and the torch/transformers versions (their initialisers decide values).
 torch and transformers are imported only when needed.
-A checkpoint is written into a temporary directory beside its final place, a marker file last, and
-renamed into place; a directory with the marker is complete and reused.
+A checkpoint is written into a staging directory beside its final place (`glmdeploy.staging`), a
+marker file last, and moved into place; a directory with the marker is complete and reused.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from glmdeploy import atomic
 from glmdeploy.config.settings import Architecture
 from glmdeploy.model.hf_config import config_from_architecture
 from glmdeploy.problems import LoadError, Problem
+from glmdeploy.staging import publish, recover, staging
 
 CACHE_ENV = "GLMDEPLOY_CACHE"  # replaces ~/.cache/glmdeploy
 MARKER = "glmdeploy-materialized.json"  # written last: its presence means the directory is complete
@@ -68,18 +67,14 @@ def materialize(architecture: Architecture, seed: int, root: Path | None = None)
         return target
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
-    except OSError as exc:
-        hint = f"set {CACHE_ENV} to a writable directory"
-        raise LoadError([Problem(str(root), f"cannot write the cache: {exc}", hint=hint)]) from exc
-    try:
-        _write(tmp, architecture, seed, key)
-        _move_into_place(tmp, target)
+        recover(root)  # what killed runs left: nothing to tell, the cache is glmdeploy's own
+        with staging(target) as staged:
+            _write(staged.tmp, architecture, seed, key)
+            if not (target / MARKER).is_file():  # else another process finished first: keep it
+                publish(staged)
     except OSError as exc:
         hint = f"free some space, or set {CACHE_ENV} to another directory"
         raise LoadError([Problem(str(target), f"cannot write it: {exc}", hint=hint)]) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -103,14 +98,3 @@ def _write(directory: Path, architecture: Architecture, seed: int, key: str) -> 
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     atomic.write_text(directory / MARKER, json.dumps(record, indent=2) + "\n")
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target`; an incomplete `target` is replaced, a complete one kept."""
-    if target.exists() and not (target / MARKER).is_file():
-        shutil.rmtree(target, ignore_errors=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / MARKER).is_file():  # not another process that finished first
-            raise

@@ -27,7 +27,7 @@ from glmdeploy.config.settings import CheckpointLayout, Deployment, GpuMode, Mod
 from glmdeploy.hardware.gpu_select import GpuAssignment, apply_environment, to_logical
 from glmdeploy.hardware.precision import ResolvedPrecision, resolve_precision, selected_gpus
 from glmdeploy.loading import verify
-from glmdeploy.loading.checkpoint import list_tensors
+from glmdeploy.loading.checkpoint import check_float_weights, list_tensors
 from glmdeploy.loading.convert import ensure_native
 from glmdeploy.loading.embedded import cache_root as default_cache_root
 from glmdeploy.loading.embedded import materialize
@@ -219,10 +219,11 @@ def resolve_checkpoint(
     else:
         directory = Path(str(source.path)).expanduser()
     native = ensure_native(directory, cache_root / "converted", progress=progress)
-    if native == directory:
-        read_config_json(directory)
-        list_tensors(directory)  # missing, truncated or corrupt files, named
-    return str(native), warnings
+    if native.path == directory:
+        config = read_config_json(directory)
+        infos = list_tensors(directory)  # missing, truncated or corrupt files, named
+        check_float_weights(infos, quantized="quantization_config" in config)
+    return str(native.path), (*warnings, *native.notes)
 
 
 def logical_device_map(plan: Plan, assignment: GpuAssignment) -> dict[str, int | str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from glmdeploy import atomic
 from glmdeploy.config.settings import (
     Deployment,
     GpuMode,
+    MapEntry,
+    Offload,
     SourceKind,
     Strategy,
 )
@@ -28,8 +31,8 @@ from glmdeploy.hardware.precision import resolve_dtype, selected_gpus
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.model.hf_config import hf_config_for
 from glmdeploy.model.skeleton import build_anatomy
-from glmdeploy.planning.strategies import current_fingerprint, plan_placement
-from glmdeploy.planning.types import DeviceSpec, Plan, PlanDoesNotFit
+from glmdeploy.planning.strategies import current_fingerprint, plan_placement, try_plan
+from glmdeploy.planning.types import DeviceSpec, Plan, PlanDoesNotFit, device_label
 from glmdeploy.problems import ConfigError, Problem
 
 
@@ -130,46 +133,88 @@ def plan_deployment(
     ]
     devices = (*gpu_specs, *offload_devices(deployment, has_gpus=bool(gpu_specs)))
     anatomy = build_anatomy(hf_config_for(deployment.model))
-    if deployment.placement.strategy is Strategy.PLAN_FILE:
-        plan = restore_plan(deployment, anatomy, devices)
-    else:
-        try:
+    try:
+        if deployment.placement.strategy is Strategy.PLAN_FILE:
+            plan = restore_plan(deployment, anatomy, devices)
+        else:
             plan = plan_placement(deployment, anatomy, devices, weights_only=weights_only)
-        except PlanDoesNotFit as exc:
-            best = PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, exc.plan,
-                                     dtype_reason, requested)  # fmt: skip
-            raise DeploymentDoesNotFit(exc.problems, best) from exc
+    except PlanDoesNotFit as exc:
+        best = PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, exc.plan,
+                                 dtype_reason, requested)  # fmt: skip
+        raise DeploymentDoesNotFit(exc.problems, best) from exc
     return PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, plan, dtype_reason,
                              requested)  # fmt: skip
 
 
 def restore_plan(deployment: Deployment, anatomy: Anatomy, devices: tuple[DeviceSpec, ...]) -> Plan:
-    """Read a saved plan and refuse it if it was made for another model, precision or fleet."""
+    """Read a saved plan and refuse it if it was made for another model, precision or fleet, or
+    if its device map (edited by hand, say) does not place this model's units on these devices.
+
+    The budget is computed again from the saved map, so the rows are true for this machine.
+
+    Raises:
+        ConfigError: the file is not a plan (its schema), or does not fit this deployment.
+        PlanDoesNotFit: the saved map no longer fits the devices.
+    """
+    from glmdeploy.formats import read_document
+
     path = Path(deployment.placement.plan_file or "")
-    try:
-        saved = Plan.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(
-            [
-                Problem(
-                    "placement.plan_file",
-                    f"cannot read plan '{path}': {exc}",
-                    "a file written by `glmdeploy plan --save FILE`",
-                )
-            ]
-        ) from exc
+    title = "the saved plan does not match this deployment"
+    saved = Plan.from_dict(read_document(path, "plan", title="invalid plan file"))
     problems = saved.fingerprint.mismatches(current_fingerprint(deployment, anatomy, devices))
     if problems:
         raise ConfigError(
             [dataclasses.replace(p, path=f"placement.plan_file ({p.path})") for p in problems],
-            "the saved plan does not match this deployment",
+            title,
         )
-    return saved
+    keys = {d.key for d in devices}
+    offload = Offload.DISK if "disk" in keys else Offload.CPU if "cpu" in keys else Offload.NONE
+    entries = tuple(MapEntry((name,), device) for name, device in saved.device_map.items())
+    placement = dataclasses.replace(deployment.placement, strategy=Strategy.EXPLICIT, map=entries,
+                                    offload=offload)  # fmt: skip
+    try:
+        again = try_plan(dataclasses.replace(deployment, placement=placement), anatomy, devices)
+    except ConfigError as exc:
+        raise ConfigError([_in_file(p, path) for p in exc.problems], title) from exc
+    restored = dataclasses.replace(again, strategy=saved.strategy, fingerprint=saved.fingerprint,
+                                   notes=saved.notes)  # fmt: skip
+    if not restored.fits:
+        message = f"the saved plan does not fit these devices any more ({verdict_of(restored)})"
+        hint = "plan again: glmdeploy plan … --save FILE"
+        raise PlanDoesNotFit([Problem(str(path), message, hint=hint)], restored)
+    return restored
+
+
+def _in_file(problem: Problem, path: Path) -> Problem:
+    """A problem of the map check, located in the plan file (`placement.map[3]` -> entry 3)."""
+    where = re.sub(r"placement\.map(\[\d+\])?(\.\w+)?", lambda m: f"device_map{m[1] or ''}",
+                   problem.path)  # fmt: skip
+    message = re.sub(r"placement\.map", "device_map", problem.message)
+    hint = problem.hint
+    if hint is not None and "modules:" in hint:  # explicit-map syntax: not what a plan file holds
+        hint = "plan again (`glmdeploy plan … --save FILE`), or undo the edit"
+    return dataclasses.replace(problem, path=f"{path}:{where}", message=message, hint=hint)
+
+
+def verdict_of(plan: Plan) -> str:
+    over = [f"{device_label(r.device)} at {r.utilisation:.0%}" for r in plan.rows
+            if r.utilisation > 1]  # fmt: skip
+    return ", ".join(over) or "devices over their budget"
 
 
 def save_plan(plan: Plan, path: Path) -> None:
-    """Write a plan as JSON, atomically (a temp file renamed over the target)."""
-    atomic.write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+    """Write a plan as JSON, atomically (a temp file renamed over the target).
+
+    Raises:
+        OutputError: `path` cannot be written (a directory, a missing directory, a full disk).
+    """
+    from glmdeploy.outputs import check_file, output_error
+
+    check_file(path, "the plan file")
+    try:
+        atomic.write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+    except OSError as exc:
+        raise output_error(path, exc, "the plan file") from exc
 
 
 def describe_source(deployment: Deployment) -> str:

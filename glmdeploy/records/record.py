@@ -2,28 +2,34 @@
 
 `run.json` is written when the job starts (`running`) and rewritten when it ends (`ok`, `failed`
 with the error, `interrupted`). Every file goes to a temporary name renamed over the target, so a
-run directory never holds a half-written file. `plan.json` is what `placement=plan_file` reads.
+run directory never holds a half-written file. A record that can no longer be written (a full disk)
+never goes on saying `running`: it becomes a small `failed` record, or is removed, and the writer
+raises `OutputError`. `plan.json` is what `placement=plan_file` reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from glmdeploy import atomic
 from glmdeploy.config.settings import Deployment, ModelSpec, SourceKind
 from glmdeploy.hardware.environment import environment_facts
+from glmdeploy.outputs import make_directory, output_error
 from glmdeploy.planning.types import Plan, PlanDoesNotFit
-from glmdeploy.problems import ConfigError, ExitCode, GlmDeployError, Problem
+from glmdeploy.problems import ConfigError, ExitCode, GlmDeployError, OutputError, Problem
 
 RECORD_FORMAT = "glmdeploy.run/1"
 RUN_JSON, PLAN_JSON, PLAN_PNG, RESOLVED_YAML = "run.json", "plan.json", "plan.png", "resolved.yaml"
 Status = Literal["running", "ok", "failed", "interrupted"]
+WEIGHTLESS_COMMANDS = frozenset({"plan"})  # jobs that read no weights: no content fingerprint
+_RUN_DIR_HINT = "set hydra.run.dir=DIR to a directory you can write, or free some space"
 
 
 @dataclass
@@ -73,10 +79,15 @@ def new_record(
     choices: Mapping[str, str],
     config: Mapping[str, Any],
     deployment: Deployment,
+    *,
+    progress: bool = False,
 ) -> RunRecord:
-    """A record started now, with this machine's environment and the checkpoint's facts."""
+    """A record started now, with this machine's environment and the checkpoint's facts
+    (`progress`: show the first hashing of a local checkpoint's weights)."""
     choices = {str(k): str(v) for k, v in choices.items()}
-    env, checkpoint = environment_facts(), checkpoint_facts(deployment.model)
+    weights = command not in WEIGHTLESS_COMMANDS
+    checkpoint = checkpoint_facts(deployment.model, weights=weights, progress=progress)
+    env = environment_facts()
     return RunRecord(command, dict(config), list(overrides), choices, started_at=_now(),
                      environment=env, checkpoint=checkpoint)  # fmt: skip
 
@@ -90,8 +101,14 @@ def _gpu_keys_as_ints(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def checkpoint_facts(model: ModelSpec) -> dict[str, Any] | None:
-    """Where the weights come from and a fingerprint of them (None: plan-only, no weights)."""
+def checkpoint_facts(
+    model: ModelSpec, *, weights: bool = True, progress: bool = False
+) -> dict[str, Any] | None:
+    """Where the weights come from and their content fingerprint (None: plan-only, no weights).
+
+    The first look at a local checkpoint hashes its weight files (cached; see
+    `glmdeploy.loading.content_hash`), with a progress bar on stderr when `progress`; a job that
+    reads no weights (`weights=False`, e.g. `plan`) records no fingerprint and reads none."""
     src = model.source
     if src.kind is SourceKind.NONE:
         return None
@@ -106,8 +123,11 @@ def checkpoint_facts(model: ModelSpec) -> dict[str, Any] | None:
 
     path = Path(src.path or "").expanduser().resolve()
     facts: dict[str, Any] = {"kind": "local", "path": str(path), "layout": str(src.layout)}
+    if not weights:
+        facts["fingerprint"] = None
+        return facts
     try:
-        facts["fingerprint"] = fingerprint(path)
+        facts["fingerprint"] = fingerprint(path, progress=progress)
     except (GlmDeployError, OSError) as exc:  # the load step reports it properly
         facts["fingerprint"] = None
         facts["fingerprint_error"] = str(exc).splitlines()[-1].strip()
@@ -144,6 +164,7 @@ class RecordWriter:
         self.run_dir = Path(run_dir)
         self._record: RunRecord | None = None
         self._clock = 0.0
+        self.lost: OutputError | None = None  # set when run.json could not be written
 
     @property
     def record(self) -> RunRecord:
@@ -152,24 +173,40 @@ class RecordWriter:
         return self._record
 
     def start(self, record: RunRecord) -> RecordWriter:
-        """Write `resolved.yaml` and `run.json` (`running`; this machine's facts unless given)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Write `resolved.yaml` and `run.json` (`running`; this machine's facts unless given).
+
+        Raises:
+            OutputError: the run directory cannot be created or written; nothing is left of the
+                record.
+        """
+        make_directory(self.run_dir, "the run directory", hint=_RUN_DIR_HINT)
         record.status, record.started_at = "running", record.started_at or _now()
         record.environment = record.environment or environment_facts()
         self._record, self._clock = record, time.monotonic()
         import yaml
 
         text = yaml.safe_dump(_plain(record.config), sort_keys=False, allow_unicode=True)
-        atomic.write_text(self.run_dir / RESOLVED_YAML, text)
-        self._write()
+        try:
+            atomic.write_text(self.run_dir / RESOLVED_YAML, text)
+            atomic.write_text(self.run_dir / RUN_JSON, self._text())
+        except OSError as exc:
+            for name in (RESOLVED_YAML, RUN_JSON):
+                (self.run_dir / name).unlink(missing_ok=True)
+            lost = output_error(self.run_dir / RUN_JSON, exc, "the run record", _RUN_DIR_HINT)
+            raise lost from exc
         return self
 
     def save_plan(self, plan: Plan) -> None:
         """Write `plan.json` and `plan.png`, and put the plan in `run.json`."""
         record = self.record
+        if self.lost is not None:
+            return
         text = json.dumps(plan.to_dict(), indent=2) + "\n"
         record.plan = json.loads(text)  # JSON-shaped in memory too: lists, not tuples
-        atomic.write_text(self.run_dir / PLAN_JSON, text)
+        try:
+            atomic.write_text(self.run_dir / PLAN_JSON, text)
+        except OSError as exc:
+            self._give_up(self.run_dir / PLAN_JSON, exc, "the plan")
         try:
             from glmdeploy.records.pictures import save_plan_picture
 
@@ -187,8 +224,14 @@ class RecordWriter:
         plan: Plan | None = None,
         timings: Mapping[str, float] | None = None,
     ) -> RunRecord:
-        """Rewrite `run.json` with the final status, results, error, plan and timings."""
+        """Rewrite `run.json` with the final status, results, error, plan and timings.
+
+        Raises:
+            OutputError: `run.json` could not be written; it now says `failed`, or is gone.
+        """
         record = self.record
+        if self.lost is not None:
+            return record  # already finished `failed`: the record could not be written
         if plan is not None:
             self.save_plan(plan)
         record.results.update(results or {})
@@ -217,26 +260,59 @@ class RecordWriter:
         if self.record.status == "running" and exc is None:
             self.finish("ok")
         elif self.record.status == "running" and exc is not None:
-            self.fail(exc)
+            with contextlib.suppress(OutputError):  # `exc` is the error to report; see `lost`
+                self.fail(exc)
+
+    def _text(self) -> str:
+        return json.dumps(self.record.to_dict(), indent=2, default=str) + "\n"
 
     def _write(self) -> None:
-        text = json.dumps(self.record.to_dict(), indent=2, default=str) + "\n"
-        atomic.write_text(self.run_dir / RUN_JSON, text)
+        """Rewrite `run.json`. If that fails, the record must not go on saying `running`: it
+        becomes a small `failed` record, or, if even that cannot be written, it is removed."""
+        if self.lost is not None:
+            return  # the record already says why it is incomplete
+        try:
+            atomic.write_text(self.run_dir / RUN_JSON, self._text())
+        except OSError as exc:
+            self._give_up(self.run_dir / RUN_JSON, exc, "the run record")
+
+    def _give_up(self, path: Path, exc: OSError, what: str) -> NoReturn:
+        self.lost = output_error(path, exc, what, _RUN_DIR_HINT)
+        self._salvage(self.run_dir / RUN_JSON)
+        raise self.lost from exc
+
+    def _salvage(self, path: Path) -> None:
+        record = self.record
+        record.status, record.finished_at = "failed", _now()
+        record.error = error_dict(self.lost) if self.lost is not None else None
+        keep = ("format", "command", "config", "overrides", "choices", "status", "started_at",
+                "finished_at", "error")  # fmt: skip
+        small = {k: v for k, v in record.to_dict().items() if k in keep}
+        text = json.dumps(small, indent=2, default=str) + "\n"
+        for _ in range(2):
+            try:
+                atomic.write_text(path, text)
+                return
+            except OSError:
+                path.unlink(missing_ok=True)  # frees its space; no record rather than a false one
 
 
 def read_record(run_dir: Path | str) -> RunRecord:
-    """The record in `run_dir`. Raises ConfigError when there is none or it cannot be read."""
+    """The record in `run_dir`, checked against its schema (`schemas/run.schema.json`).
+
+    Raises:
+        ConfigError: there is no record, or it is not one (each problem names the file).
+    """
+    from glmdeploy.formats import read_document
+
     path = Path(run_dir) / RUN_JSON
-    hint = "give a run directory written by glmdeploy plan/load/generate/bench (it holds run.json)"
-    try:
-        return RunRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError as exc:
+    title = "not a glmdeploy run directory"
+    if not path.is_file() and not path.is_dir():
+        hint = "give a run directory written by glmdeploy plan/load/generate/bench (with run.json)"
         what = "no run.json here" if Path(run_dir).is_dir() else "no such directory"
         problem = Problem(str(run_dir), what, "a glmdeploy run directory", hint)
-        raise ConfigError([problem], "not a glmdeploy run directory") from exc
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
-        problem = Problem(str(path), f"cannot read the run record: {exc}", RECORD_FORMAT, hint)
-        raise ConfigError([problem], "not a glmdeploy run directory") from exc
+        raise ConfigError([problem], title)
+    return RunRecord.from_dict(read_document(path, "run", title=title))
 
 
 def _plain(value: Any) -> Any:

@@ -29,7 +29,7 @@ class Row:
     """One job of a sweep: what it varied and what it gave (None: the job has no such result)."""
 
     job: str  # the job's directory name: Hydra's job number
-    status: str  # running | ok | failed | interrupted | unreadable
+    status: str  # running | ok | failed | interrupted | unreadable | not started
     swept: dict[str, str]  # swept key -> this job's value ("" when the job does not set it)
     fits: bool | None = None
     max_utilisation: float | None = None
@@ -59,7 +59,8 @@ def collect_rows(sweep_dir: Path | str) -> list[Row]:
     dirs = sorted((p.parent for p in root.glob(f"*/{RUN_JSON}")), key=_job_order)
     if not dirs and (root / RUN_JSON).is_file():
         dirs = [root]  # a single run directory
-    if not dirs:
+    listed = _listed_jobs(root)
+    if not dirs and not listed:
         what = "holds no job with a run.json" if root.is_dir() else "does not exist"
         hint = "give the directory of a `glmdeploy … -m` sweep, e.g. multirun/2025-01-31/12-00-00"
         problem = Problem(
@@ -75,11 +76,32 @@ def collect_rows(sweep_dir: Path | str) -> list[Row]:
             records.append((job_dir.name, read_record(job_dir)))
         except GlmDeployError as exc:
             records.append((job_dir.name, exc.problems[0].message))
-    swept = swept_values([r.overrides if isinstance(r, RunRecord) else [] for _, r in records])
-    return [
+    started = {name for name, _ in records}
+    waiting = [(str(num), overrides) for num, overrides in listed if str(num) not in started]
+    swept = swept_values(
+        [r.overrides if isinstance(r, RunRecord) else [] for _, r in records]
+        + [overrides for _, overrides in waiting]
+    )
+    rows = [
         _row(name, rec, values) if isinstance(rec, RunRecord) else _broken(name, rec, values)
-        for (name, rec), values in zip(records, swept, strict=True)
+        for (name, rec), values in zip(records, swept, strict=False)
     ]
+    rows += [
+        Row(job=name, status="not started", swept=values)
+        for (name, _), values in zip(waiting, swept[len(records) :], strict=True)
+    ]
+    return sorted(rows, key=lambda row: _job_order(Path(row.job)))
+
+
+def _listed_jobs(root: Path) -> list[tuple[int, list[str]]]:
+    """The jobs `sweep.json` lists (checked against its schema), or none without one."""
+    from glmdeploy.formats import read_document
+
+    path = root / "sweep.json"
+    if not path.exists():
+        return []
+    data = read_document(path, "sweep", title="not a glmdeploy sweep directory")
+    return [(int(job["num"]), list(job["overrides"])) for job in data["jobs"]]
 
 
 def swept_values(overrides: Sequence[Sequence[str]]) -> list[dict[str, str]]:
