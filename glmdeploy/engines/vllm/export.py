@@ -1,17 +1,10 @@
-"""`glmdeploy export vllm`: the `vllm serve --config` YAML, its environment and per-node commands,
-after the fit check with vLLM's memory rules.
-
-The YAML holds long option names of vLLM 0.33.0 only (`flags`), `true` booleans only and no
-nulls; `model:` names the checkpoint (the supported route: a positional model or `--model` on
-the command line is not needed). Values that vLLM would derive from the GPU it starts on
-(max-num-batched-tokens, max-num-seqs) are pinned to what the fit check assumed.
-"""
+"""`glmdeploy export vllm`: the `vllm serve --config` YAML, its environment and per-node commands
+(`launch`), after the fit check with vLLM's memory rules (`fit`) and its refusals (`rules`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +25,13 @@ from glmdeploy.engines.vllm.fit import (
     fit_check,
 )
 from glmdeploy.engines.vllm.flags import bad_config_keys
+from glmdeploy.engines.vllm.launch import (
+    NodeCommand,
+    node_commands,
+    node_environment,
+    serve_config,
+)
 from glmdeploy.engines.vllm.ranks import (
-    PP_PARTITION_ENV,
     Slot,
     rank_slots,
     stage_partition,
@@ -42,7 +40,7 @@ from glmdeploy.engines.vllm.ranks import (
 )
 from glmdeploy.engines.vllm.rules import vllm_dtype, vllm_problems
 from glmdeploy.engines.vllm.shards import RankWeights, rank_weights
-from glmdeploy.hardware.gpu_select import ORDER, VISIBLE, select_gpus
+from glmdeploy.hardware.gpu_select import select_gpus
 from glmdeploy.hardware.nvml import GpuInfo, HardwareSnapshot
 from glmdeploy.hardware.precision import selected_gpus
 from glmdeploy.model.anatomy import Anatomy, dtype_bytes
@@ -50,13 +48,6 @@ from glmdeploy.model.hf_config import hf_config_for
 from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.planning.deployment_plan import hardware_for
 from glmdeploy.problems import ConfigError, DoesNotFitError, HardwareError, Problem
-
-
-@dataclass(frozen=True)
-class NodeCommand:
-    node: int
-    argv: tuple[str, ...]
-    shell: str  # environment assignments, then the command, ready to paste
 
 
 @dataclass(frozen=True)
@@ -196,12 +187,12 @@ def export_vllm(
         for slot in slots
     ]
     fit = fit_check(inputs, shape, s)
-    variables = _environment(deployment, used_gpus(deployment, gpus), parts, how)
-    config = _config(deployment, checkpoint, dtype, s, host, port)
+    variables = node_environment(deployment, used_gpus(deployment, gpus), parts, how)
+    config = serve_config(deployment, checkpoint, dtype, s, host, port)
     bad = bad_config_keys(config)
     assert not bad, f"glmdeploy wrote keys vLLM {facts.VLLM_VERSION} would not read: {bad}"
     notes = export_notes(deployment, checkpoint, anatomy, weights, gpus, (parts, how))
-    commands = _commands(deployment, variables, config_path)
+    commands = node_commands(deployment, variables, config_path)
     export = VllmExport(deployment, checkpoint, dtype, reason, config, variables, commands,
                         tuple(parts), how, fit, notes)  # fmt: skip
     if not fit.fits:
@@ -275,83 +266,3 @@ def _partition(
         for stage in range(pp)
     ]
     return stage_partition(slots, pp, loads, fixed, s.gpu_memory_utilization)
-
-
-def _environment(
-    deployment: Deployment, gpus: list[GpuInfo], parts: list[int], how: str
-) -> dict[str, str]:
-    launch = deployment.launch
-    env = {ORDER: "PCI_BUS_ID", VISIBLE: ",".join(str(g.physical_id) for g in gpus)}
-    if PP_PARTITION_ENV in how:
-        env[PP_PARTITION_ENV] = ",".join(map(str, parts))
-    if launch.socket_ifname:
-        env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = launch.socket_ifname
-    env.update(launch.env)
-    return env
-
-
-def _config(
-    deployment: Deployment,
-    checkpoint: VllmCheckpoint,
-    dtype: Dtype,
-    s: Settings,
-    host: str,
-    port: int,
-) -> dict[str, Any]:
-    src, p, launch, engine = (
-        deployment.model.source,
-        deployment.parallel,
-        deployment.launch,
-        deployment.engine,
-    )
-    config: dict[str, Any] = {"model": checkpoint.model or deployment.model.name}
-    if checkpoint.revision:
-        config["revision"] = checkpoint.revision
-    config["served-model-name"] = deployment.model.name
-    if checkpoint.remote_code and src.trust_remote_code:
-        config["trust-remote-code"] = True
-    if not checkpoint.tokenizer:
-        config["skip-tokenizer-init"] = True
-    config["dtype"] = facts.VLLM_DTYPE_NAMES[dtype]
-    if deployment.precision.quantization is Quantization.INT8:
-        config["quantization"] = facts.ONLINE_FP8
-    kv = deployment.runtime.kv_cache_dtype
-    if kv not in (Dtype.AUTO, dtype):
-        config["kv-cache-dtype"] = facts.VLLM_DTYPE_NAMES[kv]
-    config["max-model-len"] = s.max_model_len
-    config["gpu-memory-utilization"] = s.gpu_memory_utilization
-    config["tensor-parallel-size"] = p.tp_size
-    config["pipeline-parallel-size"] = p.pp_size
-    if p.world_size > 1:
-        config["distributed-executor-backend"] = "mp"
-    if launch.nnodes > 1:
-        config.update(
-            {
-                "nnodes": launch.nnodes,
-                "master-addr": launch.master_addr,
-                "master-port": launch.master_port,
-            }
-        )
-    config["max-num-seqs"] = s.max_num_seqs
-    config["max-num-batched-tokens"] = s.max_num_batched_tokens
-    if s.block_size != facts.DEFAULT_BLOCK_SIZE:
-        config["block-size"] = s.block_size
-    if engine.enforce_eager:
-        config["enforce-eager"] = True
-    config.update({"host": host, "port": port})
-    return config
-
-
-def _commands(
-    deployment: Deployment, env: Mapping[str, str], config_path: Path | str
-) -> tuple[NodeCommand, ...]:
-    """`vllm serve --config FILE` per node: non-zero node ranks run headless (workers only)."""
-    nnodes = deployment.launch.nnodes
-    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    out = []
-    for node in range(nnodes):
-        argv = ["vllm", "serve", "--config", str(config_path)]
-        if nnodes > 1:
-            argv += ["--node-rank", str(node), *(["--headless"] if node else [])]
-        out.append(NodeCommand(node, tuple(argv), f"{prefix} {shlex.join(argv)}"))
-    return tuple(out)
