@@ -74,7 +74,7 @@ def fit_problems(fit: VllmFit) -> list[Problem]:
                 f"rank {r.rank} (GPU {r.gpu_id}): vLLM: To serve at least one request with the "
                 f"model's max seq len ({s.max_model_len}), ({format_gib(need)} GiB KV cache is "
                 "needed, which is larger than the available KV cache memory "
-                f"({format_gib(check)} GiB). {estimate}",
+                f"({format_gib(check)} GiB). {estimate}".rstrip(),
                 None,
                 _length_hint(fit.ranks, s.batch_size, s.block_size),
             )

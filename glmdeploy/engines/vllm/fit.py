@@ -205,12 +205,11 @@ def fit_check(ranks: Sequence[RankInput], shape: ModelShape, s: Settings) -> Vll
 
 
 ESTIMATES = {
-    "overhead": "0.25 GiB of persistent buffers and non-torch memory after vLLM's snapshot",
-    "activation": "1.10 × the largest live tensors of the profiling run (MLP, MoE, QKV, logits)",
-    "cudagraph": "capture sizes × layers × 0.25 MiB + the MLP/QKV tensors at the largest size; "
-    "0 with engine.enforce_eager=true",
-    "startup": "0.5 GiB CUDA context (+0.5 GiB NCCL when tp × pp > 1) outside the budget, "
-    "which must still fit in the GPU's free memory",
+    "other": "0.25 GiB of persistent buffers and non-torch memory after vLLM's snapshot",
+    "activ.": "1.10 × the largest live tensors of the profiling run (MLP, MoE, QKV, logits)",
+    "graphs": "capture sizes × layers × 0.25 MiB + the MLP/QKV tensors at the largest size "
+    "(0 with engine.enforce_eager=true)",
+    "startup": "0.5 GiB CUDA context (+0.5 GiB NCCL when tp × pp > 1) must fit in free memory",
 }
 
 

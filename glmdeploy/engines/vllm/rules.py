@@ -236,13 +236,15 @@ def _checkpoint_problems(
     src = deployment.model.source
     if checkpoint.remote_code and not src.trust_remote_code:
         pin = " model.source.revision=<commit>" if src.hub_id and not src.revision else ""
+        glm4 = "glm-4" in f"{src.hub_id} {deployment.model.name}".lower()
         out.append(
             Problem(
                 "model.source.trust_remote_code",
                 "vLLM must run code from the checkpoint: " + "; ".join(checkpoint.remote_code),
                 "true, set by you after reading that code",
                 f"opt in: model.source.trust_remote_code=true{pin} (a pinned revision fixes the "
-                "code you read); GLM-4: model=glm-4-9b-chat-hf needs no remote code",
+                "code you read)"
+                + ("; or model=glm-4-9b-chat-hf, which needs no remote code" if glm4 else ""),
             )
         )
     limit = int(getattr(anatomy.hf_config, "max_position_embeddings", 0) or 0)

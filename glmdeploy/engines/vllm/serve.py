@@ -70,6 +70,10 @@ def serve_with_vllm(deployment: Deployment, *, host: str, port: int, json_out: b
     export.write(path)
     node = export.commands[deployment.launch.node_rank]
     out = sys.stderr if json_out else sys.stdout
+    if not json_out:
+        from glmdeploy.engines.vllm.render import print_export
+
+        print_export(export)
     base = vllm_command()
     if base is None:
         print(f"vLLM is not installed here. The command for node {node.node}:\n  {node.shell}\n"
@@ -77,10 +81,10 @@ def serve_with_vllm(deployment: Deployment, *, host: str, port: int, json_out: b
         if json_out:
             _print_json(False, ExitCode.HARDWARE, path, node.shell, install=INSTALL_HINT)
         return int(ExitCode.HARDWARE)
-    argv = [*base, *node.argv[1:], "--host", host, "--port", str(port)]
-    env = {**os.environ, **export.env}
-    print(f"starting vLLM: {node.shell} --host {host} --port {port}", file=out, flush=True)
-    code = run_forwarding_signals(argv, env, stdout=sys.stderr if json_out else None)
+    argv = [*base, *node.argv[1:]]  # the config holds host and port
+    print(f"starting vLLM (config {path}): {node.shell}", file=out, flush=True)
+    code = run_forwarding_signals(argv, {**os.environ, **export.env},
+                                  stdout=sys.stderr if json_out else None)  # fmt: skip
     if json_out:
         _print_json(code == 0, code, path, node.shell)
     return code
