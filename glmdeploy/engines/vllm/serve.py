@@ -83,17 +83,30 @@ def serve_with_vllm(deployment: Deployment, *, host: str, port: int, json_out: b
         return int(ExitCode.HARDWARE)
     argv = [*base, *node.argv[1:]]  # the config holds host and port
     print(f"starting vLLM (config {path}): {node.shell}", file=out, flush=True)
-    code = run_forwarding_signals(argv, {**os.environ, **export.env},
-                                  stdout=sys.stderr if json_out else None)  # fmt: skip
+    code = run_forwarding_signals(argv, {**os.environ, **export.env}, to_stderr=json_out)
     if json_out:
         _print_json(code == 0, code, path, node.shell)
     return code
 
 
-def run_forwarding_signals(argv: list[str], env: dict[str, str], stdout: Any = None) -> int:
-    """Run `argv` in its own process group, passing SIGTERM/SIGINT on; its exit code."""
-    proc = subprocess.Popen(argv, env=env, stdout=stdout, process_group=0)
-    forwarded = (signal.SIGTERM, signal.SIGINT)
+def run_forwarding_signals(argv: list[str], env: dict[str, str], *, to_stderr: bool) -> int:
+    """Run `argv` in its own process group, passing SIGTERM/SIGINT on; its exit code.
+
+    Its output streams to ours; with `to_stderr` its stdout goes to our stderr (stdout then
+    carries JSON only).
+    """
+    pipe = subprocess.PIPE if to_stderr else None
+    proc = subprocess.Popen(argv, env=env, stdout=pipe, text=True, process_group=0)
+    copier = None
+    if proc.stdout is not None:
+        source = proc.stdout
+
+        def copy() -> None:
+            for line in source:
+                print(line, end="", file=sys.stderr, flush=True)
+
+        copier = threading.Thread(target=copy, daemon=True)
+        copier.start()
     previous: dict[signal.Signals, Any] = {}
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -101,13 +114,15 @@ def run_forwarding_signals(argv: list[str], env: dict[str, str], stdout: Any = N
             proc.send_signal(signum)
 
     if threading.current_thread() is threading.main_thread():
-        for sig in forwarded:
+        for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, forward)
     try:
         code = proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if copier is not None:
+        copier.join(timeout=5)
     return 128 - code if code < 0 else code
 
 
