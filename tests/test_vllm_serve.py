@@ -111,7 +111,6 @@ def test_sigterm_is_forwarded_to_vllm(fake_vllm: Path, tmp_path: Path) -> None:
     code = textwrap.dedent("""
         import sys
         from glmdeploy.config.deployments import load_deployment
-from glmdeploy.config.settings import Deployment
         from glmdeploy.engines.vllm.serve import serve_with_vllm
         d = load_deployment(["model=llama-3-8b", "gpus=1x80gib", "engine=vllm"]).deployment
         sys.exit(serve_with_vllm(d, host="127.0.0.1", port=8000, json_out=False))
