@@ -89,7 +89,8 @@ def print_export(export: VllmExport, *, written: str | None = None) -> None:
     console.print(f"model {dep.model.name} for vLLM {facts.VLLM_VERSION}: "
                   f"{ckpt.model or '(no checkpoint)'} ({ckpt.architecture}, {runs})")  # fmt: skip
     console.print(f"deployment: {dep.summary()}")
-    console.print(f"dtype: {export.dtype_reason}; GPUs: {', '.join(gpus)}")
+    console.print(f"dtype: {export.dtype_reason}")
+    console.print(f"GPUs: {', '.join(gpus)}")
     console.print(fit_table(export.fit))
     for line in verdict_lines(export.fit):
         console.print(line)

@@ -62,10 +62,8 @@ def vllm_dtype(
     preferred = supported[0]
     config = checkpoint.config_dtype
     if config is None:
-        return preferred, (
-            f"auto: {VLLM_DTYPE_NAMES[preferred]}, vLLM's preferred dtype on these "
-            "GPUs (the checkpoint's dtype is not known without its config.json)"
-        )
+        why = "vLLM's preferred dtype here (the checkpoint's config.json is not at hand)"
+        return preferred, f"auto: {VLLM_DTYPE_NAMES[preferred]}, {why}"
     if config is Dtype.FP32 or config not in supported:
         why = "float32 checkpoints run" if config is Dtype.FP32 else "not supported here: runs"
         return preferred, f"auto: {VLLM_DTYPE_NAMES[preferred]} (checkpoint {config}: {why} in it)"
