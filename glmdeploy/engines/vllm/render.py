@@ -44,10 +44,10 @@ def fit_table(fit: VllmFit) -> Any:
 
 def _rank_verdict(r: RankFit) -> str:
     if not r.starts:
-        return "does not start"
+        return "no start"
     if r.kv_available_bytes <= 0:
-        return "no KV memory"
-    return f"{r.num_blocks:,} blocks" if r.one_request_fits else "max-model-len too long"
+        return "no KV room"
+    return f"{r.num_blocks:,} blocks" if r.one_request_fits else "len too long"
 
 
 def verdict_lines(fit: VllmFit) -> list[str]:
