@@ -164,6 +164,7 @@ def test_glm_4_9b_tp4_on_4x24gib_follows_the_formula_with_replicated_kv_heads() 
     assert export.fit.kv_cache_tokens == int(blocks / 2048 * 32768)
     largest = min((available - per_block) // per_block * 16, 131072)
     assert export.fit.largest_max_model_len == largest
+    assert export.fit.concurrency_at_largest == blocks / (largest // 16)
     need = weights + GIB // 4 + activation + graphs + (2048 + 1) * per_block
     assert export.fit.min_gpu_memory_utilization == math.ceil(need / (24 * GIB) * 100) / 100
     assert export.fits

@@ -132,6 +132,7 @@ class VllmFit:
     concurrency: float
     kv_cache_tokens: int
     largest_max_model_len: int
+    concurrency_at_largest: float  # vLLM's figure if max-model-len were the largest that fits
     min_gpu_memory_utilization: float | None  # None: no utilisation can make it fit
     max_gpu_memory_utilization: float  # the highest that still starts on every GPU
     fits: bool
@@ -197,6 +198,7 @@ def fit_check(ranks: Sequence[RankInput], shape: ModelShape, s: Settings) -> Vll
         concurrency=concurrency,
         kv_cache_tokens=int(concurrency * s.max_model_len),
         largest_max_model_len=largest,
+        concurrency_at_largest=num_blocks / -(-largest // s.block_size) if largest else 0.0,
         min_gpu_memory_utilization=needed if needed <= ceiling else None,
         max_gpu_memory_utilization=ceiling,
         fits=ok,

@@ -71,7 +71,8 @@ def verdict_lines(fit: VllmFit) -> list[str]:
     return [
         f"vLLM would log: GPU KV cache size: {fit.kv_cache_tokens:,} tokens, Maximum concurrency "
         f"for {length:,} tokens per request: {fit.concurrency:.2f}x",
-        f"largest max-model-len that fits: {fit.largest_max_model_len:,}{capped}",
+        f"largest max-model-len that fits: {fit.largest_max_model_len:,}{capped}, maximum "
+        f"concurrency there {fit.concurrency_at_largest:.2f}x",
         utilization,
         verdict,
     ]
