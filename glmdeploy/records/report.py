@@ -3,7 +3,8 @@
 Hydra writes sweep jobs into numbered subdirectories (`0/`, `1/`, …), each with its `run.json`.
 The swept values are the overrides that differ between jobs; the results are read from the
 records' `plan` (`Plan.to_dict()`) and `results` (`load`: `LoadedModel.to_dict()`, `generate`:
-`GenerateResult.to_dict()`, `bench`: `BenchResult.to_dict()`), tolerating whatever a job lacks.
+`GenerateResult.to_dict()`, `bench`: `BenchResult.to_dict()`, `vllm`: `VllmExport.to_dict()` of
+`export vllm` and `plan engine=vllm`), tolerating whatever a job lacks.
 """
 
 from __future__ import annotations
