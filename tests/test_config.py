@@ -29,6 +29,9 @@ REQUIRED = {
     ],
     ("placement", "plan_file"): ["placement.plan_file={plan}"],
     ("launch", "multinode"): ["launch.node_rank=0", "launch.master_addr=127.0.0.1", "parallel=pp2"],
+    # the tiny GLM's 2 KV heads (4 heads) do not split over 4 (8) ranks in transformers
+    ("parallel", "tp4"): ["engine=vllm"],
+    ("parallel", "tp8"): ["model=llama-3-8b"],
 }
 
 

@@ -38,6 +38,7 @@ class Args:
     dry_run: bool = False
     overwrite: bool = False
     save: str | None = None
+    out: str | None = None  # export: where to write the config as well
     positional: list[str] = field(default_factory=list)  # convert SRC DST, replay DIR, …
     config_dirs: list[str] = field(default_factory=list)
     config_name: str | None = None
@@ -114,6 +115,8 @@ def parse(argv: Sequence[str], commands: Mapping[str, Command]) -> Args:
             args.overwrite = True
         elif flag == "--save" and "--save" in spec.options:
             args.save = inline
+        elif flag == "--out" and "--out" in spec.options:
+            args.out = inline
         elif flag in _CONFIG_DIR_FLAGS:
             args.config_dirs.append(inline)
         elif flag in _CONFIG_NAME_FLAGS:
@@ -153,10 +156,11 @@ def parse(argv: Sequence[str], commands: Mapping[str, Command]) -> Args:
     return args
 
 
-_VALUE_FLAGS = {"--save", *_CONFIG_DIR_FLAGS, *_CONFIG_NAME_FLAGS, *_HYDRA_VALUE_FLAGS}
+_VALUE_FLAGS = {"--save", "--out", *_CONFIG_DIR_FLAGS, *_CONFIG_NAME_FLAGS, *_HYDRA_VALUE_FLAGS}
 _FLAG_EXAMPLES = {
     "--cfg": "--cfg job",
     "--save": "glmdeploy plan --save plan.json",
+    "--out": "glmdeploy export vllm --out vllm.yaml",
     "--config-dir": "glmdeploy plan --config-dir ./deploy profile=prod",
     "-cd": "glmdeploy plan -cd ./deploy profile=prod",
     "--config-name": "glmdeploy plan --config-dir ./deploy --config-name prod",

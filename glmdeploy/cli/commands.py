@@ -57,6 +57,7 @@ def cmd_show(args: Args) -> int:
 def cmd_job(args: Args) -> int:
     """plan / load / generate / bench / run: validate everything first, then run and record."""
     from glmdeploy.config.deployments import load_deployment, load_deployments
+    from glmdeploy.engines.vllm.jobs import refuse_transformers_commands
 
     source = args.source()
     if args.save:
@@ -67,16 +68,19 @@ def cmd_job(args: Args) -> int:
         from glmdeploy.cli.sweep_launcher import launch_sweep, sweep_dir
         from glmdeploy.config.sweep import expand_sweep
 
-        load_deployments(args.overrides, source, sweep=True)  # every job, before any runs
+        jobs = load_deployments(args.overrides, source, sweep=True)  # every job, before any runs
+        refuse_transformers_commands(args.command, (j.deployment for j in jobs))
         combos = expand_sweep(args.overrides)
         if args.dry_run:
             for i, combo in enumerate(combos):
                 print(f"job {i}: {' '.join(combo)}")
             return ExitCode.OK
+        command = " ".join([args.command, *args.positional])  # `export vllm`
         return launch_sweep(
-            args.command, combos, sweep_dir(args.overrides), source=source, json_out=args.json
+            command, combos, sweep_dir(args.overrides), source=source, json_out=args.json
         )
-    load_deployment(args.overrides, source)  # report config problems in glmdeploy's format first
+    job = load_deployment(args.overrides, source)  # config problems in glmdeploy's format first
+    refuse_transformers_commands(args.command, [job.deployment])
     from glmdeploy.cli.hydra_runner import run_hydra
 
     return run_hydra(args, source, _hydra_job)
@@ -96,9 +100,23 @@ def _hydra_job(cfg: dict[str, Any], args: Args) -> int:
     ctx = JobContext(
         command=args.command, config=cfg, deployment=validate_dict(cfg),
         run_dir=Path(hc.runtime.output_dir), overrides=list(hc.overrides.task),
-        choices=choices, json=args.json, save=args.save,
+        choices=choices, json=args.json, save=args.save, out=args.out,
     )  # fmt: skip
     return run_job(ctx)
+
+
+def cmd_export(args: Args) -> int:
+    """export vllm: a job like plan (record, sweeps), which also writes vLLM's config."""
+    from glmdeploy.problems import ConfigError, Problem
+
+    target = args.positional[0]
+    if target != "vllm":
+        hint = "glmdeploy export vllm [overrides] [--out FILE]"
+        raise ConfigError([Problem("export", f"unknown target '{target}'", "vllm", hint)])
+    if args.out and args.multirun:
+        hint = "leave --out off: each job writes vllm.yaml into its own job directory"
+        raise ConfigError([Problem("--out", "one file for every job of a sweep", None, hint)])
+    return cmd_job(args)
 
 
 def cmd_doctor(args: Args) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from glmdeploy.config.settings import Deployment
+from glmdeploy.config.settings import Deployment, EngineName
 from glmdeploy.problems import ExitCode
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class JobContext:
     choices: dict[str, str] = field(default_factory=dict)
     json: bool = False
     save: str | None = None
+    out: str | None = None  # export: a second place for the config file
     results: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     plan: Plan | None = None  # once planned
@@ -124,7 +125,22 @@ def _bench(ctx: JobContext, loaded: LoadedModel) -> None:
 
 
 def job_plan(ctx: JobContext) -> None:
+    if ctx.deployment.engine.name is EngineName.VLLM:  # the fit under vLLM's memory rules
+        _vllm(ctx, write=False)
+        return
     _plan(ctx)
+
+
+def job_export(ctx: JobContext) -> None:
+    _vllm(ctx, write=True)
+
+
+def _vllm(ctx: JobContext, *, write: bool) -> None:
+    from glmdeploy.engines.vllm.jobs import run_vllm_step
+
+    _step(ctx, "export" if write else "plan", lambda: run_vllm_step(
+        ctx.deployment, run_dir=ctx.run_dir, out=ctx.out, write=write, json_out=ctx.json,
+        results=ctx.results, say=ctx.say))  # fmt: skip
 
 
 def job_load(ctx: JobContext) -> None:
@@ -147,7 +163,7 @@ def job_run(ctx: JobContext) -> None:
 
 JOBS: dict[str, Callable[[JobContext], None]] = {
     "plan": job_plan, "load": job_load, "generate": job_generate, "bench": job_bench,
-    "run": job_run,
+    "run": job_run, "export": job_export,
 }  # fmt: skip
 
 

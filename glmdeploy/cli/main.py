@@ -38,8 +38,9 @@ def _usage(command: str | None = None) -> str:
     opts = " ".join(f"[{o}]" for o in ("--json", "--debug", *spec.options))
     return (
         f"usage: glmdeploy {command} {pos + ' ' if pos else ''}{opts} [overrides…]\n\n"
-        f"{spec.summary}\n\nConfig groups: model, gpus, precision, placement, runtime, profile "
-        "(`ls conf/GROUP`). Hydra flags pass through: -m, --cfg job, --info, --hydra-help."
+        f"{spec.summary}\n\nConfig groups: model, gpus, precision, placement, runtime, parallel, "
+        "launch, engine, profile (`ls conf/GROUP`). Hydra flags pass through: -m, --cfg job, "
+        "--info, --hydra-help."
     )
 
 
@@ -106,6 +107,13 @@ COMMANDS: dict[str, Command] = {
         "the main job: plan, load, verify and generate a few tokens",
         commands.cmd_job,
         options=("--dry-run",),
+    ),
+    "export": Command(
+        "write vLLM's config, environment and per-node commands after a fit check with vLLM's "
+        "memory rules",
+        commands.cmd_export,
+        positional=("target",),
+        options=("--out", "--dry-run"),
     ),
     "doctor": Command(
         "report GPUs, drivers, CUDA, versions; with overrides, whether the config fits",

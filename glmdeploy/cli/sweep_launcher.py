@@ -22,7 +22,7 @@ from glmdeploy.problems import ExitCode
 if TYPE_CHECKING:
     from glmdeploy.config.locations import ConfigSource
 
-PARALLEL_COMMANDS = {"plan"}  # touch no GPU: safe to run side by side
+PARALLEL_COMMANDS = {"plan", "export vllm"}  # touch no GPU: safe to run side by side
 
 
 def sweep_dir(overrides: Sequence[str]) -> Path:
@@ -42,6 +42,8 @@ def launch_sweep(
     json_out: bool,
 ) -> int:
     """Run `glmdeploy COMMAND <job overrides>` for every job; returns the worst exit code.
+
+    `command` may carry the command's positional arguments (`export vllm`).
 
     Ctrl-C stops the sweep: the running children are interrupted too (same process group) and
     mark their records `interrupted`; jobs not started yet are listed as such in `sweep.json`.
@@ -66,8 +68,9 @@ def launch_sweep(
     name = ["--config-name", source.config_name] if source is not None else []
 
     def one(num: int) -> int:
-        argv = [sys.executable, "-m", "glmdeploy", command, *(["--json"] if json_out else []),
-                *name, *plain[num], f"hydra.run.dir={root / str(num)}"]  # fmt: skip
+        argv = [sys.executable, "-m", "glmdeploy", *command.split(),
+                *(["--json"] if json_out else []), *name, *plain[num],
+                f"hydra.run.dir={root / str(num)}"]  # fmt: skip
         proc = subprocess.run(argv, capture_output=True, text=True, env=env)
         label = " ".join(plain[num])
         status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"

@@ -19,13 +19,14 @@ def semantic_problems(doc: Mapping[str, Any], schema_clean: bool = True) -> list
     is skipped rather than reported twice; on a schema-clean document every rule must run.
     """
     rules: list[Callable[[], list[Problem]]] = [
-        lambda: _model_rules(doc["model"]),
+        lambda: _model_rules(doc["model"], doc.get("engine") or {}),
         lambda: _gpu_rules(doc["gpus"]),
         lambda: _precision_rules(doc["precision"], doc["gpus"]),
         lambda: _placement_rules(doc["placement"], doc["gpus"]),
         lambda: _runtime_rules(doc["runtime"], doc["model"]),
         lambda: _launch_rules(doc.get("launch") or {}, doc.get("parallel") or {}),
         lambda: _engine_rules(doc.get("engine") or {}),
+        lambda: _tensor_parallel_rules(doc),
     ]
     out: list[Problem] = []
     for rule in rules:
@@ -37,7 +38,7 @@ def semantic_problems(doc: Mapping[str, Any], schema_clean: bool = True) -> list
     return out
 
 
-def _model_rules(model: Mapping[str, Any]) -> list[Problem]:
+def _model_rules(model: Mapping[str, Any], engine: Mapping[str, Any]) -> list[Problem]:
     out: list[Problem] = []
     src, arch = model["source"], model.get("architecture")
     kind = src["kind"]
@@ -80,7 +81,7 @@ def _model_rules(model: Mapping[str, Any]) -> list[Problem]:
                     "trusting remote code: a moving branch can change the code",
                 )
             )
-        if src.get("layout") == "chatglm":
+        if src.get("layout") == "chatglm" and engine.get("name") != "vllm":  # vLLM: its tokenizer
             out.append(
                 Problem(
                     "model.source.trust_remote_code",
@@ -334,6 +335,25 @@ def _engine_rules(engine: Mapping[str, Any]) -> list[Problem]:
         for key in _VLLM_KEYS
         if key in engine
     ]
+
+
+def _tensor_parallel_rules(doc: Mapping[str, Any]) -> list[Problem]:
+    """transformers' TP splits q and k/v heads evenly (no KV replication); vLLM replicates KV."""
+    tp = (doc.get("parallel") or {}).get("tp_size", 1)
+    arch = doc["model"].get("architecture")
+    if tp == 1 or (doc.get("engine") or {}).get("name") == "vllm" or not isinstance(arch, Mapping):
+        return []
+    heads, kv = arch["num_attention_heads"], arch["num_key_value_heads"]
+    out = []
+    for what, n in (("attention heads", heads), ("KV heads", kv)):
+        if n % tp:
+            vllm_can = what == "KV heads" and heads % tp == 0 and tp % kv == 0
+            hint = ("engine=vllm replicates KV heads when tp exceeds them (glmdeploy export vllm …)"
+                    if vllm_can else f"parallel.tp_size=<a divisor of {n}>")  # fmt: skip
+            message = (f"{tp}, but the model's {n} {what} do not divide by it: transformers' "
+                       "tensor parallelism gives every rank whole heads")  # fmt: skip
+            out.append(Problem("parallel.tp_size", message, f"a divisor of {n}", hint))
+    return out
 
 
 def _runtime_rules(runtime: Mapping[str, Any], model: Mapping[str, Any]) -> list[Problem]:

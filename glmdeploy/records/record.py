@@ -42,7 +42,7 @@ class RunRecord:
     problems}` (or `{title: "internal error", exit_code, message}`); `timings` are seconds per step.
     """
 
-    command: str  # plan | load | generate | bench | run
+    command: str  # plan | load | generate | bench | run | export
     config: dict[str, Any]
     overrides: list[str] = field(default_factory=list)
     choices: dict[str, str] = field(default_factory=dict)  # config group -> option

@@ -3,7 +3,8 @@
 Hydra writes sweep jobs into numbered subdirectories (`0/`, `1/`, …), each with its `run.json`.
 The swept values are the overrides that differ between jobs; the results are read from the
 records' `plan` (`Plan.to_dict()`) and `results` (`load`: `LoadedModel.to_dict()`, `generate`:
-`GenerateResult.to_dict()`, `bench`: `BenchResult.to_dict()`), tolerating whatever a job lacks.
+`GenerateResult.to_dict()`, `bench`: `BenchResult.to_dict()`, `vllm`: `VllmExport.to_dict()` of
+`export vllm` and `plan engine=vllm`), tolerating whatever a job lacks.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class Row:
     decode_tokens_per_s: float | None = None
     peak_gib: dict[str, float] = field(default_factory=dict)  # device -> peak memory in GiB
     error: str | None = None
+    # `export vllm` / `plan engine=vllm`: vLLM's fit check (None for other jobs)
+    vllm_largest_max_model_len: int | None = None
+    vllm_concurrency: float | None = None  # at the job's max-model-len, as vLLM logs it
+    vllm_min_gpu_memory_utilization: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,12 +130,14 @@ def _job_order(path: Path) -> tuple[int, str]:
 def _row(job: str, record: RunRecord, swept: dict[str, str]) -> Row:
     plan, results = record.plan or {}, record.results
     bench, load = _section(results, "bench"), _section(results, "load")
+    vllm = _section(results, "vllm")
+    fit = _section(vllm, "fit")
     gpu_rows = [r for r in plan.get("rows", []) if isinstance(r.get("device"), int)]
     return Row(
         job=job,
         status=record.status,
         swept=swept,
-        fits=plan.get("fits") if plan else None,
+        fits=plan.get("fits") if plan else vllm.get("ok"),
         max_utilisation=plan.get("max_utilisation") if plan else None,
         hops=len(plan.get("hops", [])) if plan else None,
         gpus_used=sum(1 for r in gpu_rows if r.get("weights_bytes", 0) > 0) if plan else None,
@@ -139,6 +146,9 @@ def _row(job: str, record: RunRecord, swept: dict[str, str]) -> Row:
         decode_tokens_per_s=_number(bench.get("decode_tokens_per_s")),
         peak_gib=_peaks(bench.get("memory") or []),
         error=_error_text(record.error) if record.status != "ok" else None,
+        vllm_largest_max_model_len=fit.get("largest_max_model_len"),
+        vllm_concurrency=_number(fit.get("concurrency")),
+        vllm_min_gpu_memory_utilization=_number(fit.get("min_gpu_memory_utilization")),
     )
 
 
@@ -187,6 +197,11 @@ def columns(rows: Sequence[Row]) -> list[Column]:
     swept = list(dict.fromkeys(k for r in rows for k in r.swept))
     devices = list(dict.fromkeys(d for r in rows for d in r.peak_gib))
     plain: Callable[[Any], str] = str
+    vllm: list[Column] = [
+        ("vllm_largest_max_model_len", lambda r: r.vllm_largest_max_model_len, plain),
+        ("vllm_concurrency", lambda r: r.vllm_concurrency, lambda v: f"{v:.2f}x"),
+        ("vllm_min_gpu_memory_utilization", lambda r: r.vllm_min_gpu_memory_utilization, plain),
+    ]
 
     def num(digits: int) -> Callable[[Any], str]:
         return lambda v: f"{v:.{digits}f}"
@@ -203,6 +218,7 @@ def columns(rows: Sequence[Row]) -> list[Column]:
         ("ttft_s", lambda r: r.ttft_s, num(4)),
         ("decode_tokens_per_s", lambda r: r.decode_tokens_per_s, num(1)),
         *[(f"peak_gib[{d}]", lambda r, d=d: r.peak_gib.get(d), num(3)) for d in devices],
+        *(vllm if any(r.vllm_concurrency is not None for r in rows) else []),
         ("error", lambda r: r.error, plain),
     ]
 
@@ -258,6 +274,10 @@ def save_report_plot(rows: Sequence[Row], path: Path) -> None:
     ]
     if any(r.decode_tokens_per_s is not None for r in rows):
         panels.append(("decode tokens/s", lambda r: r.decode_tokens_per_s))
+    if any(r.vllm_concurrency is not None for r in rows):  # export vllm / plan engine=vllm
+        panels.append(("vLLM max concurrency (x)", lambda r: r.vllm_concurrency))
+        if all(r.max_utilisation is None for r in rows):
+            panels.pop(0)
     width = max(5.0, 0.9 * len(rows) + 2.0)
     fig, axes = plt.subplots(
         len(panels),
