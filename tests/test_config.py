@@ -90,6 +90,7 @@ PAIRS = [
     (("parallel",), settings.Parallel),
     (("launch",), settings.Launch),
     (("engine",), settings.Engine),
+    (("serve",), settings.Serve),
 ]
 
 
