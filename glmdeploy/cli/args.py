@@ -114,6 +114,8 @@ def parse(argv: Sequence[str], commands: Mapping[str, Command]) -> Args:
             args.overwrite = True
         elif flag == "--save" and "--save" in spec.options:
             args.save = inline
+        elif flag in ("--host", "--port") and flag in spec.options:  # serve: sugar for overrides
+            args.overrides.append(f"serve.{flag[2:]}={inline}")
         elif flag in _CONFIG_DIR_FLAGS:
             args.config_dirs.append(inline)
         elif flag in _CONFIG_NAME_FLAGS:
@@ -153,10 +155,19 @@ def parse(argv: Sequence[str], commands: Mapping[str, Command]) -> Args:
     return args
 
 
-_VALUE_FLAGS = {"--save", *_CONFIG_DIR_FLAGS, *_CONFIG_NAME_FLAGS, *_HYDRA_VALUE_FLAGS}
+_VALUE_FLAGS = {
+    "--save",
+    "--host",
+    "--port",
+    *_CONFIG_DIR_FLAGS,
+    *_CONFIG_NAME_FLAGS,
+    *_HYDRA_VALUE_FLAGS,
+}
 _FLAG_EXAMPLES = {
     "--cfg": "--cfg job",
     "--save": "glmdeploy plan --save plan.json",
+    "--host": "glmdeploy serve --host 0.0.0.0",
+    "--port": "glmdeploy serve --port 8000",
     "--config-dir": "glmdeploy plan --config-dir ./deploy profile=prod",
     "-cd": "glmdeploy plan -cd ./deploy profile=prod",
     "--config-name": "glmdeploy plan --config-dir ./deploy --config-name prod",
