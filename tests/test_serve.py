@@ -229,5 +229,6 @@ def test_sigterm_finishes_in_flight_requests_and_writes_the_record(server: Serve
     assert served["errors_by_status"]["400"] >= 10 and served["errors_by_status"]["404"] == 1
     assert served["disconnected"] >= CAPACITY - 1 and served["tokens_per_s"] > 0
     assert [m["device"] for m in served["memory"]] == ["cpu"] and served["uptime_s"] > 0
+    assert 1 < served["batches"]["largest"] <= 4  # concurrent requests batched, runtime.batch_size
     assert KEY not in (server.run_dir / "run.json").read_text()  # the variable's name only
     assert any(line.startswith("stopped: ") for line in server.lines)

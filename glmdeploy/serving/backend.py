@@ -2,9 +2,10 @@
 
 The server (`glmdeploy.serving.app`) validates a request, turns it into a `GenerationJob` (prompt
 ids, sampling, a cancel flag, a text callback for streaming) and calls `InferenceBackend.run` on
-one of the backend's worker threads; it never touches torch itself. Today's backend is
+one of up to `concurrency` threads; it never touches torch itself. Today's backend is
 `glmdeploy.serving.transformers_backend.TransformersBackend`: the planned, verified model of this
-process (one device, or a device map across GPUs/CPU/disk), driven by transformers' `generate`.
+process (one device, or a device map across GPUs/CPU/disk), driven by transformers' `generate`,
+concurrent jobs batched on one inference thread.
 
 Tensor/pipeline parallelism (a torchrun world, `glmdeploy.distributed`) fits behind the same
 interface as a rank-0 backend: its `run` would broadcast each job (prompt ids and sampling) to the
@@ -91,8 +92,9 @@ class InferenceBackend(Protocol):
         """Generate for `job`. Raises BackendOverloaded when the device ran out of memory."""
         ...
 
-    def memory(self) -> list[dict[str, Any]]:
-        """Peak memory per device since the backend started (for the run record)."""
+    def report(self) -> dict[str, Any]:
+        """For the run record: `memory` (peak per device since the start) and what else the
+        backend measured (e.g. `batches`)."""
         ...
 
     def close(self) -> None:

@@ -54,7 +54,8 @@ def serve_model(
     key = api_key(deployment.serve)
     runtime = deployment.runtime
     backend = TransformersBackend(loaded, model_id=deployment.model.name,
-                                  context_tokens=runtime.max_context_tokens)  # fmt: skip
+                                  context_tokens=runtime.max_context_tokens,
+                                  max_batch=runtime.batch_size)  # fmt: skip
     state = ServerState(capacity=runtime.batch_size + runtime.max_queued_requests)
     app = build_app(backend, state, runtime, api_key=key)
     config = uvicorn.Config(
@@ -76,7 +77,7 @@ def serve_model(
     server = _Server(config, on_ready=ready, on_signal=state.drain)
     server.run(sockets=[listener.sock])
     state.cancel_all()  # after a forced exit (a second Ctrl-C) the lifespan end did not run
-    summary = {"url": listener.url, **state.summary(), "memory": backend.memory()}
+    summary = {"url": listener.url, **state.summary(), **backend.report()}
     errors = summary["errors_by_status"] or "none"
     say(f"stopped: {summary['served']} requests served, {summary['generated_tokens']} tokens "
         f"generated, errors by status {errors}, up {summary['uptime_s']:.0f} s")  # fmt: skip
