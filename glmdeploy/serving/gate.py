@@ -1,4 +1,4 @@
-"""The outermost layer of the server: the API key check, and a count of every response's status.
+"""The outermost layer of the server: the API key check, and a count of the API's response statuses.
 
 A plain ASGI wrapper around the whole application (not a Starlette `BaseHTTPMiddleware`, which
 would buffer streams and hide client disconnects), so that it also sees the 500s of Starlette's
@@ -34,14 +34,16 @@ class Gate:
         if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
-        if self._expected is not None and scope["path"].startswith("/v1/"):
+        api = scope["path"].startswith("/v1/")  # health checks are not counted
+        if self._expected is not None and api:
             given = dict(scope.get("headers") or ()).get(b"authorization", b"")
             if not hmac.compare_digest(given, self._expected):
                 await self._refuse(send)
                 return
 
         async def counted(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] != CLIENT_GONE:
+            start = message["type"] == "http.response.start"
+            if api and start and message["status"] != CLIENT_GONE:
                 self.state.statuses[int(message["status"])] += 1
             await send(message)
 

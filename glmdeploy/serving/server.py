@@ -77,10 +77,11 @@ def serve_model(
     server = _Server(config, on_ready=ready, on_signal=state.drain)
     server.run(sockets=[listener.sock])
     state.cancel_all()  # after a forced exit (a second Ctrl-C) the lifespan end did not run
+    backend.close()
     summary = {"url": listener.url, **state.summary(), **backend.report()}
-    errors = summary["errors_by_status"] or "none"
+    errors = ", ".join(f"{n}× {status}" for status, n in summary["errors_by_status"].items())
     say(f"stopped: {summary['served']} requests served, {summary['generated_tokens']} tokens "
-        f"generated, errors by status {errors}, up {summary['uptime_s']:.0f} s")  # fmt: skip
+        f"generated, errors: {errors or 'none'}; up {summary['uptime_s']:.0f} s")  # fmt: skip
     return summary
 
 

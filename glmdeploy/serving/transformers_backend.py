@@ -79,7 +79,7 @@ class TransformersBackend:
         memory = [dataclasses.asdict(m) for m in peak_memory(self.loaded)]
         return {"memory": memory, "batches": self._batcher.sizes()}
 
-    def close(self) -> None:
+    def close(self) -> None:  # idempotent
         self._batcher.close()
         if self._cuda:
             torch.cuda.empty_cache()
