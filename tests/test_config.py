@@ -93,6 +93,7 @@ PAIRS = [
     (("parallel",), settings.Parallel),
     (("launch",), settings.Launch),
     (("engine",), settings.Engine),
+    (("serve",), settings.Serve),
 ]
 
 

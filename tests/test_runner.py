@@ -42,7 +42,23 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(cache: Path) -> LoadedModel:
-    return load(ModelSource(SourceKind.EMBEDDED, seed=0), cache)
+    """The embedded tiny GLM without its tokenizer: prompts become byte ids."""
+    directory = cache / "without-tokenizer"
+    shutil.copytree(materialize(TINY_ARCH, 0, cache / "embedded"), directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (directory / name).unlink()
+    return load(ModelSource(SourceKind.LOCAL, path=str(directory)), cache)
+
+
+def test_the_embedded_model_has_a_tokenizer_with_a_chat_template(cache: Path) -> None:
+    embedded = load(ModelSource(SourceKind.EMBEDDED, seed=0), cache)
+    tokenizer = embedded.tokenizer
+    assert tokenizer is not None and len(tokenizer) == TINY_ARCH.vocab_size
+    assert embedded.model.generation_config.eos_token_id == tokenizer.eos_token_id
+    chat = [{"role": "user", "content": "Hi"}]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert text == "<|user|>\nHi\n<|assistant|>\n"
+    assert tokenizer.decode(tokenizer("héllo wörld 🙂")["input_ids"]) == "héllo wörld 🙂"
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,8 @@ def parse(argv: Sequence[str], commands: Mapping[str, Command]) -> Args:
             args.save = inline
         elif flag == "--out" and "--out" in spec.options:
             args.out = inline
+        elif flag in ("--host", "--port") and flag in spec.options:  # serve: sugar for overrides
+            args.overrides.append(f"serve.{flag[2:]}={inline}")
         elif flag in _CONFIG_DIR_FLAGS:
             args.config_dirs.append(inline)
         elif flag in _CONFIG_NAME_FLAGS:
@@ -156,11 +158,21 @@ def parse(argv: Sequence[str], commands: Mapping[str, Command]) -> Args:
     return args
 
 
-_VALUE_FLAGS = {"--save", "--out", *_CONFIG_DIR_FLAGS, *_CONFIG_NAME_FLAGS, *_HYDRA_VALUE_FLAGS}
+_VALUE_FLAGS = {
+    "--save",
+    "--out",
+    "--host",
+    "--port",
+    *_CONFIG_DIR_FLAGS,
+    *_CONFIG_NAME_FLAGS,
+    *_HYDRA_VALUE_FLAGS,
+}
 _FLAG_EXAMPLES = {
     "--cfg": "--cfg job",
     "--save": "glmdeploy plan --save plan.json",
     "--out": "glmdeploy export vllm --out vllm.yaml",
+    "--host": "glmdeploy serve --host 0.0.0.0",
+    "--port": "glmdeploy serve --port 8000",
     "--config-dir": "glmdeploy plan --config-dir ./deploy profile=prod",
     "-cd": "glmdeploy plan -cd ./deploy profile=prod",
     "--config-name": "glmdeploy plan --config-dir ./deploy --config-name prod",

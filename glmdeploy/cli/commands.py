@@ -86,6 +86,26 @@ def cmd_job(args: Args) -> int:
     return run_hydra(args, source, _hydra_job)
 
 
+def cmd_serve(args: Args) -> int:
+    """serve: one deployment behind an OpenAI-compatible API; engine=vllm hands over to vLLM."""
+    from glmdeploy.config.deployments import load_deployment
+    from glmdeploy.config.settings import EngineName
+    from glmdeploy.problems import ConfigError, Problem
+
+    if args.multirun:
+        hint = "drop -m: start one `glmdeploy serve` per deployment, each on its own serve.port"
+        raise ConfigError([Problem("-m", "serve runs one deployment, not a sweep", hint=hint)])
+    source = args.source()
+    deployment = load_deployment(args.overrides, source).deployment
+    if deployment.engine.name is EngineName.VLLM and not args.hydra_mode:
+        from glmdeploy.serving.handover import hand_over_to_vllm
+
+        return hand_over_to_vllm(deployment, json_out=args.json)
+    from glmdeploy.cli.hydra_runner import run_hydra
+
+    return run_hydra(args, source, _hydra_job)
+
+
 def _hydra_job(cfg: dict[str, Any], args: Args) -> int:
     """One job inside Hydra's runner: its run dir, overrides and group choices come from Hydra."""
     from pathlib import Path

@@ -155,6 +155,21 @@ def job_bench(ctx: JobContext) -> None:
     _bench(ctx, _load(ctx, _plan(ctx)))
 
 
+def job_serve(ctx: JobContext) -> None:
+    """plan, load, verify, then serve over HTTP until SIGTERM/Ctrl-C (`glmdeploy.serving`)."""
+    from glmdeploy.serving.preflight import preflight
+
+    listener = preflight(ctx.deployment)  # packages, API key, the port: before loading
+    with listener.sock:
+        loaded = _load(ctx, _plan(ctx))
+        from glmdeploy.serving.server import serve_model
+
+        def serve() -> dict[str, Any]:
+            return serve_model(loaded, ctx.deployment, listener, say=ctx.say)
+
+        ctx.results["serve"] = _step(ctx, "serve", serve)
+
+
 def job_run(ctx: JobContext) -> None:
     """The main job: plan, load, verify, generate; say what was done."""
     ctx.say(f"glmdeploy run: {ctx.deployment.summary()}")
@@ -163,7 +178,7 @@ def job_run(ctx: JobContext) -> None:
 
 JOBS: dict[str, Callable[[JobContext], None]] = {
     "plan": job_plan, "load": job_load, "generate": job_generate, "bench": job_bench,
-    "run": job_run, "export": job_export,
+    "run": job_run, "export": job_export, "serve": job_serve,
 }  # fmt: skip
 
 

@@ -115,6 +115,11 @@ COMMANDS: dict[str, Command] = {
         positional=("target",),
         options=("--out", "--dry-run"),
     ),
+    "serve": Command(
+        "plan, load, verify, then serve an OpenAI-compatible HTTP API (engine=vllm: vLLM's)",
+        commands.cmd_serve,
+        options=("--host", "--port"),
+    ),
     "doctor": Command(
         "report GPUs, drivers, CUDA, versions; with overrides, whether the config fits",
         commands.cmd_doctor,

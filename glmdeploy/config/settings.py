@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from glmdeploy.config.serve_settings import Serve, runtime_serving_from_dict, serve_from_dict
+
 GIB = 1024**3
 
 
@@ -103,13 +105,8 @@ class Architecture:
         """Keyword arguments for `transformers.AutoConfig.for_model` (None values left out)."""
         kwargs = {k: v for k, v in asdict(self).items() if v is not None and k != "model_type"}
         if not self.n_routed_experts:
-            for key in (
-                "n_routed_experts",
-                "moe_intermediate_size",
-                "num_experts_per_tok",
-                "n_shared_experts",
-                "first_k_dense_replace",
-            ):
+            for key in ("n_routed_experts", "moe_intermediate_size", "num_experts_per_tok",
+                        "n_shared_experts", "first_k_dense_replace"):  # fmt: skip
                 kwargs.pop(key, None)
         rope: dict[str, Any] = {"rope_type": "default"}
         if self.rope_theta is not None:
@@ -193,6 +190,10 @@ class Runtime:
     max_new_tokens: int = 32
     prompt: str = "The capital of France is"
     kv_cache_dtype: Dtype = Dtype.AUTO  # auto: the compute dtype
+    max_queued_requests: int = 16  # serve: requests waiting beyond batch_size (then 429)
+    temperature: float = 1.0  # serve: a request's default; 0 is greedy
+    top_p: float = 1.0  # serve: a request's default
+    max_tokens_per_request: int | None = None  # serve: None: what the context leaves
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,7 @@ class Deployment:
     parallel: Parallel = Parallel()
     launch: Launch = Launch()
     engine: Engine = Engine()
+    serve: Serve = Serve()  # noqa: RUF009 -- frozen, like the defaults above
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str, sort_keys=True)
@@ -346,10 +348,12 @@ def deployment_from_dict(cfg: Mapping[str, Any]) -> Deployment:
             max_new_tokens=int(r.get("max_new_tokens", 32)),
             prompt=str(r.get("prompt", "The capital of France is")),
             kv_cache_dtype=Dtype(r.get("kv_cache_dtype", "auto")),
+            **runtime_serving_from_dict(r),
         ),
         parallel=_parallel(cfg.get("parallel") or {}),
         launch=_launch(cfg.get("launch") or {}),
         engine=_engine(cfg.get("engine") or {}),
+        serve=serve_from_dict(cfg.get("serve") or {}),
     )
 
 

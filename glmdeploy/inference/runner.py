@@ -139,10 +139,7 @@ def bench(loaded: LoadedModel, runtime: Runtime, repeats: int = 5) -> BenchResul
     ids = prompt_ids(loaded, runtime)
     config = _greedy_config(loaded, runtime, ids.shape[1])
     config.min_new_tokens = config.max_new_tokens  # every run decodes the same number of tokens
-    gpus = sorted({d for d in loaded.device_map.values() if isinstance(d, int)})
-    for gpu in gpus:
-        torch.cuda.synchronize(gpu)
-        torch.cuda.reset_peak_memory_stats(gpu)
+    reset_peak_memory(loaded)
     ttft: list[float] = []
     decode: list[float] = []
     inputs = ids.to(loaded.input_device)
@@ -169,7 +166,7 @@ def bench(loaded: LoadedModel, runtime: Runtime, repeats: int = 5) -> BenchResul
         decode_tokens_per_s=statistics.median(decode) if decode else None,
         ttft_runs=tuple(ttft),
         decode_runs=tuple(decode),
-        memory=(*(_gpu_memory(gpu, loaded) for gpu in gpus), _cpu_memory()),
+        memory=peak_memory(loaded),
         device_bytes=loaded.device_bytes,
     )
 
@@ -187,6 +184,33 @@ class _TokenClock(BaseStreamer):
         pass
 
 
+def reset_peak_memory(loaded: LoadedModel) -> None:
+    """Start a new peak-memory period on the model's GPUs (see `DeviceMemory`)."""
+    for gpu in _gpus(loaded):
+        torch.cuda.synchronize(gpu)
+        torch.cuda.reset_peak_memory_stats(gpu)
+
+
+def peak_memory(loaded: LoadedModel) -> tuple[DeviceMemory, ...]:
+    """Peak memory of each of the model's GPUs since `reset_peak_memory`, then the CPU's."""
+    return (*(_gpu_memory(gpu, loaded) for gpu in _gpus(loaded)), _cpu_memory())
+
+
+def special_token_ids(model: Any) -> dict[str, Any]:
+    """The checkpoint's end, padding and start ids for `GenerationConfig` (padding defaults to
+    the first end id, then 0)."""
+    base = model.generation_config
+    eos = base.eos_token_id
+    first_eos = eos[0] if isinstance(eos, Sequence) and eos else eos
+    pad = base.pad_token_id if base.pad_token_id is not None else first_eos
+    return {"eos_token_id": eos, "pad_token_id": pad if pad is not None else 0,
+            "bos_token_id": base.bos_token_id}  # fmt: skip
+
+
+def _gpus(loaded: LoadedModel) -> list[int]:
+    return sorted({d for d in loaded.device_map.values() if isinstance(d, int)})
+
+
 def _greedy_config(loaded: LoadedModel, runtime: Runtime, prompt_tokens: int) -> Any:
     """Greedy decoding with the checkpoint's eos/pad ids and none of its sampling settings."""
     room = runtime.max_context_tokens - prompt_tokens
@@ -194,18 +218,12 @@ def _greedy_config(loaded: LoadedModel, runtime: Runtime, prompt_tokens: int) ->
         message = f"the prompt has {prompt_tokens} tokens, the context {runtime.max_context_tokens}"
         hint = "raise runtime.max_context_tokens or shorten runtime.prompt"
         raise ConfigError([Problem("runtime.max_context_tokens", message, hint=hint)])
-    base = loaded.model.generation_config
-    eos = base.eos_token_id
-    first_eos = eos[0] if isinstance(eos, Sequence) and eos else eos
-    pad = base.pad_token_id if base.pad_token_id is not None else first_eos
     config: Any = GenerationConfig  # untyped upstream
     return config(
         max_new_tokens=min(runtime.max_new_tokens, room),
         do_sample=False,
         num_beams=1,
-        eos_token_id=eos,
-        pad_token_id=pad if pad is not None else 0,
-        bos_token_id=base.bos_token_id,
+        **special_token_ids(loaded.model),
     )
 
 

@@ -1,7 +1,9 @@
 """Materialise an embedded model option (architecture + seed) as a cached local native checkpoint.
 
 The weights are what `AutoModelForCausalLM.from_config` initialises after `torch.manual_seed(seed)`
-(fp32, CPU), saved with `save_pretrained` (config.json + model.safetensors). The cache key covers
+(fp32, CPU), saved with `save_pretrained` (config.json + model.safetensors), beside a small
+tokenizer trained locally for the vocabulary (`glmdeploy.loading.embedded_tokenizer`) whose
+end-of-text and padding ids the model's config uses. The cache key covers
 the architecture, the seed and the torch/transformers versions (their initialisers decide values).
 torch and transformers are imported only when needed.
 A checkpoint is written into a staging directory beside its final place (`glmdeploy.staging`), a
@@ -21,13 +23,14 @@ from typing import Any
 
 from glmdeploy import atomic
 from glmdeploy.config.settings import Architecture
+from glmdeploy.loading.embedded_tokenizer import write_tokenizer
 from glmdeploy.model.hf_config import config_from_architecture
 from glmdeploy.problems import LoadError, Problem
 from glmdeploy.staging import publish, recover, staging
 
 CACHE_ENV = "GLMDEPLOY_CACHE"  # replaces ~/.cache/glmdeploy
 MARKER = "glmdeploy-materialized.json"  # written last: its presence means the directory is complete
-MATERIALIZE_VERSION = 1  # bump when what is written changes: invalidates cached checkpoints
+MATERIALIZE_VERSION = 2  # bump when what is written changes: invalidates cached checkpoints
 
 
 def cache_root() -> Path:
@@ -83,6 +86,9 @@ def _write(directory: Path, architecture: Architecture, seed: int, key: str) -> 
     from transformers import AutoModelForCausalLM
 
     config = config_from_architecture(architecture)
+    tokenizer = write_tokenizer(directory, architecture.vocab_size)
+    if tokenizer is not None:  # the model ends text where its tokenizer does
+        config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     # fork_rng: seeding must not disturb the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
