@@ -29,6 +29,10 @@ REQUIRED = {
     ],
     ("placement", "plan_file"): ["placement.plan_file={plan}"],
     ("launch", "multinode"): ["launch.node_rank=0", "launch.master_addr=127.0.0.1", "parallel=pp2"],
+    # The tiny GLM has 2 KV heads: wider TP needs a larger model; transformers cannot do TP × PP.
+    ("parallel", "tp4"): ["model=llama-3-70b"],
+    ("parallel", "tp8"): ["model=llama-3-70b"],
+    ("parallel", "tp2-pp2"): ["engine=vllm"],
 }
 
 

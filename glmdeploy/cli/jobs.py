@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from glmdeploy.config.settings import Deployment
+from glmdeploy.distributed.rules import runs_on_torchrun
 from glmdeploy.problems import ExitCode
 
 if TYPE_CHECKING:
@@ -144,6 +145,18 @@ def job_run(ctx: JobContext) -> None:
     _generate(ctx, _load(ctx, _plan(ctx)))
 
 
+def _launch(ctx: JobContext) -> None:
+    """load/generate/bench/run on torchrun ranks: plan here, then the ranks do the rest."""
+    from glmdeploy.distributed.launcher import LaunchRequest, launch
+
+    if ctx.command == "run":
+        ctx.say(f"glmdeploy run: {ctx.deployment.summary()}")
+    planned = _plan(ctx)
+    request = LaunchRequest(ctx.command, ctx.config, ctx.overrides,
+                            ctx.run_dir or Path.cwd() / "glmdeploy-ranks", ctx.json)  # fmt: skip
+    _step(ctx, "ranks", lambda: launch(planned, request, ctx.results, ctx.say))
+
+
 JOBS: dict[str, Callable[[JobContext], None]] = {
     "plan": job_plan, "load": job_load, "generate": job_generate, "bench": job_bench,
     "run": job_run,
@@ -163,7 +176,10 @@ def run_job(ctx: JobContext) -> int:
         record = new_record(ctx.command, ctx.overrides, ctx.choices, ctx.config, ctx.deployment)
         writer = RecordWriter(ctx.run_dir).start(record)
     try:
-        JOBS[ctx.command](ctx)
+        if ctx.command != "plan" and runs_on_torchrun(ctx.deployment):
+            _launch(ctx)  # tensor/pipeline parallel ranks under torchrun
+        else:
+            JOBS[ctx.command](ctx)
     except BaseException as exc:
         if writer is not None:
             writer.record.results.update(ctx.results)

@@ -22,6 +22,7 @@ from glmdeploy.config.settings import (
     SourceKind,
     Strategy,
 )
+from glmdeploy.distributed.rules import runs_on_torchrun
 from glmdeploy.hardware.gpu_select import GpuAssignment, select_gpus
 from glmdeploy.hardware.nvml import HardwareSnapshot, declared_snapshot, probe
 from glmdeploy.hardware.precision import resolve_dtype, selected_gpus
@@ -134,7 +135,12 @@ def plan_deployment(
         plan = restore_plan(deployment, anatomy, devices)
     else:
         try:
-            plan = plan_placement(deployment, anatomy, devices, weights_only=weights_only)
+            if runs_on_torchrun(deployment):  # one row per rank (glmdeploy.distributed)
+                from glmdeploy.distributed.rank_plan import plan_ranks
+
+                plan = plan_ranks(deployment, anatomy, devices, weights_only=weights_only)
+            else:
+                plan = plan_placement(deployment, anatomy, devices, weights_only=weights_only)
         except PlanDoesNotFit as exc:
             best = PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, exc.plan,
                                      dtype_reason, requested)  # fmt: skip
