@@ -113,3 +113,11 @@ def test_problems_as_data() -> None:
     assert gpu_count_problems(4, 1, 0) == []  # CPU ranks: any number
     assert gpu_count_problems(4, 2, 2) == []
     assert [p.path for p in gpu_count_problems(4, 1, 2)] == ["gpus"]
+
+
+def test_the_python_api_does_not_load_ranks_in_process() -> None:
+    import glmdeploy
+    from glmdeploy.problems import ConfigError
+
+    with pytest.raises(ConfigError, match="run under torchrun"):
+        glmdeploy.load(["parallel=tp2", "gpus=cpu"])

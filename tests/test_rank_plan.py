@@ -186,3 +186,11 @@ def test_quantised_pipeline_counts_quantised_bytes() -> None:
     linear = stages[0]["model.layers.0.mlp.down_proj.weight"]
     assert linear == ((64, 100), 64 * 100 + 4 * 64)  # int8 weights + one fp32 scale per row
     assert torch.Size(stages[1]["lm_head.weight"][0]) == torch.Size([500, 64])
+
+
+def test_a_per_rank_plan_replays(cli: Any, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli("plan", "parallel=pp2", "gpus=cpu", f"hydra.run.dir={run}").code == 0
+    replayed = cli("replay", str(run))
+    assert replayed.code == 0, replayed.err
+    assert "reproduced: same plan" in replayed.out

@@ -217,7 +217,8 @@ def replay_run(run_dir: Path, *, json_out: bool = False) -> int:
     record = read_record(run_dir)
     config = dict(record.config)
     plan_json = run_dir / "plan.json"
-    if record.status == "ok" and plan_json.is_file():  # exactly that plan, refused if mismatched
+    ranks = bool((record.plan or {}).get("parallel"))  # per-rank plans are planned again
+    if record.status == "ok" and plan_json.is_file() and not ranks:  # exactly that plan
         placement = {k: v for k, v in config["placement"].items() if k != "map"}
         config["placement"] = {**placement, "strategy": "plan_file", "plan_file": str(plan_json)}
     deployment = validate_dict(config)

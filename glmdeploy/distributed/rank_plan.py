@@ -17,6 +17,7 @@ The per-tensor numbers (`rank_tensors`) are what the loader checks each rank aga
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from glmdeploy.config.settings import GIB, Deployment, Dtype, Quantization
@@ -36,7 +37,8 @@ from glmdeploy.distributed.shards import (
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.model.hf_config import hf_config_for
 from glmdeploy.planning.budget import TOLERANCE, fingerprint
-from glmdeploy.planning.memory import MemoryModel, budget_bytes, memory_model
+from glmdeploy.planning.budget import _row as _budget_row
+from glmdeploy.planning.memory import MemoryModel, memory_model
 from glmdeploy.planning.types import (
     BudgetRow,
     DeviceSpec,
@@ -45,7 +47,6 @@ from glmdeploy.planning.types import (
     PlanDoesNotFit,
     RankShare,
     device_label,
-    summarise,
 )
 from glmdeploy.problems import ConfigError, Problem
 
@@ -211,26 +212,12 @@ def _row(
     weights = sum(nbytes for _, nbytes in tensors.values())
     kv = sum(memory.unit_kv[index[u]] for u in units) // p.tp_size
     workspace = memory.activations + memory.logits
-    gpu = isinstance(spec.key, int)
-    reserve = memory.reserve if gpu else 0
-    capacity = capacities[spec.key]
-    load = weights + kv + workspace
-    budget = budget_bytes(capacity, reserve) if gpu else capacity
-    return BudgetRow(
-        device=spec.key,
-        physical_id=spec.physical_id,
-        name=spec.name,
-        units=summarise(units),
-        n_params=sum(math_prod(shape) for n, (shape, _) in tensors.items() if n in params),
-        weights_bytes=weights,
-        kv_bytes=kv,
-        workspace_bytes=workspace,
-        reserve_bytes=reserve,
-        total_bytes=load + reserve,
-        capacity_bytes=capacity,
-        utilisation=load / budget if budget > 0 else float("inf"),
-        rank=share.rank,
-    )
+    reserve = memory.reserve if isinstance(spec.key, int) else 0
+    # The device-map budget row (utilisation rule included), with this rank's own shards.
+    row = _budget_row(spec, anatomy, memory, [index[u] for u in units], weights, kv, workspace,
+                      reserve, capacities[spec.key])  # fmt: skip
+    n_params = sum(math_prod(shape) for n, (shape, _) in tensors.items() if n in params)
+    return dataclasses.replace(row, n_params=n_params, rank=share.rank)
 
 
 def _split_lists(table: ShardTable, tp: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
