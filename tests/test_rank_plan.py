@@ -194,3 +194,18 @@ def test_a_per_rank_plan_replays(cli: Any, tmp_path: Path) -> None:
     replayed = cli("replay", str(run))
     assert replayed.code == 0, replayed.err
     assert "reproduced: same plan" in replayed.out
+
+
+def test_a_rank_whose_shards_differ_from_the_plan_is_named() -> None:
+    from glmdeploy.distributed.rank_load import check_shards
+
+    expected = {"a.weight": ((32, 64), 8192), "b.weight": ((64,), 256)}
+    actual = {"a.weight": ((64, 64), 16384), "c.bias": ((4,), 16)}
+    problems = check_shards(actual, expected, 1)
+    assert [p.path for p in problems] == ["rank 1"] * 3
+    assert [p.message for p in problems] == [
+        "a.weight: planned [32, 64] (8192 bytes), loaded [64, 64] (16384 bytes)",
+        "b.weight: planned [64], not loaded on this rank",
+        "c.bias: loaded [4] (16 bytes), not in this rank's plan",
+    ]
+    assert check_shards(expected, expected, 0) == []
