@@ -141,8 +141,12 @@ def test_parallel_generate_matches_one_process(
 
 
 def test_two_nodes_on_loopback_form_one_deployment(
-    started: Callable[..., subprocess.Popen[str]], tmp_path: Path, reference: dict[str, Any]
+    cli: Any,
+    started: Callable[..., subprocess.Popen[str]],
+    tmp_path: Path,
+    reference: dict[str, Any],
 ) -> None:
+    """Node 1 in a process of its own, node 0 in this one: one world of two ranks."""
     port = free_port()
     args = [
         "generate",
@@ -154,14 +158,12 @@ def test_two_nodes_on_loopback_form_one_deployment(
         f"launch.master_port={port}",
         "launch.join_timeout_s=120",
     ]
-    nodes = [
-        started(*args, f"launch.node_rank={n}", f"hydra.run.dir={tmp_path / f'node{n}'}")
-        for n in (0, 1)
-    ]
-    outputs = [proc.communicate(timeout=WAIT_S) for proc in nodes]
-    assert [proc.returncode for proc in nodes] == [0, 0], outputs[0][1] + outputs[1][1]
-    assert "run on node 1: glmdeploy generate" in outputs[0][1]
-    for node, (out, _) in enumerate(outputs):
+    node1 = started(*args, "launch.node_rank=1", f"hydra.run.dir={tmp_path / 'node1'}")
+    node0 = cli(*args, "launch.node_rank=0", f"hydra.run.dir={tmp_path / 'node0'}")
+    out1, err1 = node1.communicate(timeout=WAIT_S)
+    assert (node0.code, node1.returncode) == (0, 0), node0.err + err1
+    assert "run on node 1: glmdeploy generate" in node0.err
+    for node, out in enumerate([node0.out, out1]):
         results = _json(out)["results"]
         assert results["generate"]["new_ids"] == reference["new_ids"]
         [rank] = results["ranks"]
@@ -172,10 +174,10 @@ def test_two_nodes_on_loopback_form_one_deployment(
 
 @pytest.mark.parametrize("rendezvous", ["static", "c10d"])
 def test_a_node_that_never_joins_ends_in_a_clear_error_in_time(
-    rendezvous: str, started: Callable[..., subprocess.Popen[str]], tmp_path: Path
+    rendezvous: str, cli: Any, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    proc = started(
+    result = cli(
         "generate",
         "parallel=tp2",
         *COMMON,
@@ -187,10 +189,9 @@ def test_a_node_that_never_joins_ends_in_a_clear_error_in_time(
         "launch.join_timeout_s=5",
         f"hydra.run.dir={run}",
     )
-    _, err = proc.communicate(timeout=WAIT_S)
-    assert proc.returncode == 3, err
-    assert "the 2 nodes did not all join within 5 s" in err
-    assert "Traceback" not in err
+    assert result.code == 3, result.err
+    assert "the 2 nodes did not all join within 5 s" in result.err
+    assert "Traceback" not in result.err
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "failed" and record["error"]["exit_code"] == 3
     assert record["results"]["torchrun"]["seconds"] < 5 + 20  # torchrun's own start-up included
