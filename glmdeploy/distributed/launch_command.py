@@ -123,7 +123,7 @@ def rank_environment(
     env = dict(base)
     threads = launch.omp_num_threads
     if threads is None:
-        available = cores if cores is not None else len(os.sched_getaffinity(0))
+        available = cores if cores is not None else _cores()
         threads = max(1, available // local_ranks(deployment))
     env["OMP_NUM_THREADS"] = str(threads)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -134,6 +134,12 @@ def rank_environment(
         env["TORCHELASTIC_ERROR_FILE"] = str(error_file)
     env.update(launch.env)
     return env
+
+
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def other_node_commands(

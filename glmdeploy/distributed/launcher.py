@@ -106,7 +106,7 @@ def launch(
     if cause is not None:
         named, how = rr.torchrun_root(text)
         raise rr.RankFailed(cause, run_dir, how if named == cause.rank else "")
-    if not joined or rr.looks_like_join_timeout(text):
+    if rr.looks_like_join_timeout(text) or (not joined and "Root Cause" not in text):
         raise rr.did_not_join(text, launch_cfg.join_timeout_s, launch_cfg.nnodes, run_dir)
     raise rr.torchrun_failed(text, run_dir)
 

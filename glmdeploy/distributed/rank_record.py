@@ -180,8 +180,14 @@ def did_not_join(log: str, join_timeout_s: float, nnodes: int, run_dir: Path) ->
 
 
 def torchrun_failed(log: str, run_dir: Path) -> GlmDeployError:
-    """torchrun failed before any rank of this node could say why: its last words."""
+    """torchrun failed before any rank of this node could say why: the failing rank's error (the
+    file torchrun copies from it), else torchrun's last words."""
     lines = [ln for ln in log.strip().splitlines() if ln.strip()][-3:]
+    try:
+        copied = json.loads((Path(run_dir) / "torchrun-error.json").read_text(encoding="utf-8"))
+        lines = [str(copied["message"]["message"]).splitlines()[0]]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass
     error = GlmDeployError(
         [
             Problem(

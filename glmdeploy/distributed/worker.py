@@ -32,7 +32,7 @@ from glmdeploy.distributed.rank_record import RankRecord
 from glmdeploy.distributed.spec import LaunchSpec
 from glmdeploy.loading.loader import LoadedModel
 from glmdeploy.planning.types import Plan
-from glmdeploy.problems import GlmDeployError, LoadError
+from glmdeploy.problems import GlmDeployError, HardwareError, LoadError, Problem
 from glmdeploy.records.record import error_dict
 
 WORK_TIMEOUT = timedelta(minutes=30)  # collectives after joining (torch's default for gloo)
@@ -87,11 +87,17 @@ def main(argv: list[str]) -> int:
 def _join(spec: LaunchSpec, device: torch.device) -> None:
     """Create the process group, waiting at most `join_timeout_s` for the other ranks."""
     timeout = timedelta(seconds=spec.join_timeout_s)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
-    else:
-        dist.init_process_group("gloo", timeout=timeout)
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    except RuntimeError as exc:  # DistStoreError and friends: a peer never arrived
+        message = f"the other ranks did not join the process group within {timeout.seconds} s"
+        hint = "a rank failed before joining: see the other nodes' glmdeploy output and logs"
+        problem = Problem("launch.join_timeout_s", f"{message} ({exc})".splitlines()[0], hint=hint)
+        raise HardwareError([problem], "the deployment did not form") from exc
     # The join is bounded; a slow load on another rank must not fail the work after it.
     with contextlib.suppress(AttributeError, RuntimeError, ValueError):
         dist.distributed_c10d._set_pg_timeout(max(WORK_TIMEOUT, timeout))
