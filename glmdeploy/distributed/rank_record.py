@@ -157,7 +157,11 @@ class RankFailed(GlmDeployError):
             error = {"title": f"died ({how})" if how else "died"}
         elif not problems:
             message = str(error.get("message") or error.get("title") or "failed")
-            problems.append(Problem(f"rank {record.rank}", message, hint=f"its log: {log}"))
+            hint = f"its log: {log}"
+            if lost_peer(record):
+                hint = "it lost its connection to another rank, which failed first (on another "
+                hint += f"node, see that node's output); its log: {log}"
+            problems.append(Problem(f"rank {record.rank}", message, hint=hint))
         title = str(error.get("title") or "failed")
         super().__init__(problems, f"rank {record.rank} of {record.world_size} failed: {title}")
 

@@ -94,7 +94,7 @@ def _join(spec: LaunchSpec, device: torch.device) -> None:
         else:
             dist.init_process_group("gloo", timeout=timeout)
     except RuntimeError as exc:  # DistStoreError and friends: a peer never arrived
-        message = f"the other ranks did not join the process group within {timeout.seconds} s"
+        message = f"the other ranks did not join the process group within {spec.join_timeout_s:g} s"
         hint = "a rank failed before joining: see the other nodes' glmdeploy output and logs"
         problem = Problem("launch.join_timeout_s", f"{message} ({exc})".splitlines()[0], hint=hint)
         raise HardwareError([problem], "the deployment did not form") from exc
