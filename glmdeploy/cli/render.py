@@ -62,6 +62,10 @@ def _count(n: int) -> str:
 
 
 def verdict(plan: Plan) -> str:
+    if plan.parallel is not None:
+        from glmdeploy.cli.rank_render import rank_verdict
+
+        return rank_verdict(plan)
     used = sum(1 for r in plan.rows if r.weights_bytes)
     if plan.fits:
         return (
@@ -85,8 +89,14 @@ def print_plan(planned: PlannedDeployment) -> None:
     if not planned.assignment.devices and dep.gpus.mode is not GpuMode.CPU:
         why = planned.snapshot.nvml_error or "NVML lists none"
         console.print(f"GPUs: none visible ({why}); the CPU runs the model")
-    console.print(plan_table(planned))
     plan = planned.plan
+    if plan.parallel is not None:  # one row per rank
+        from glmdeploy.cli.rank_render import print_split, rank_table
+
+        console.print(rank_table(planned))
+        print_split(console, plan.parallel)
+    else:
+        console.print(plan_table(planned))
     if plan.hops:
         hops = "; ".join(f"{h.before} → {h.after} ({h.source}→{h.target})" for h in plan.hops)
         console.print(f"hops: {hops}")

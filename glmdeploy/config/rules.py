@@ -26,7 +26,7 @@ def semantic_problems(doc: Mapping[str, Any], schema_clean: bool = True) -> list
         lambda: _runtime_rules(doc["runtime"], doc["model"]),
         lambda: _launch_rules(doc.get("launch") or {}, doc.get("parallel") or {}),
         lambda: _engine_rules(doc.get("engine") or {}),
-        lambda: _tensor_parallel_rules(doc),
+        lambda: _parallel_rules(doc),
     ]
     out: list[Problem] = []
     for rule in rules:
@@ -318,6 +318,32 @@ def _launch_rules(launch: Mapping[str, Any], parallel: Mapping[str, Any]) -> lis
     return out
 
 
+def _parallel_rules(doc: Mapping[str, Any]) -> list[Problem]:
+    """Tensor/pipeline parallelism on transformers (`glmdeploy.distributed.rules`)."""
+    from glmdeploy.distributed import rules
+
+    parallel, gpus = doc.get("parallel") or {}, doc["gpus"]
+    if (doc.get("engine") or {}).get("name", "transformers") != "transformers":
+        return []  # vLLM's own rules: glmdeploy.engines.vllm
+    request = rules.ParallelRequest(
+        parallel.get("tp_size", 1), parallel.get("pp_size", 1), doc["placement"]["strategy"],
+        doc["placement"].get("offload", "none"), doc["precision"].get("quantization", "none"),
+    )  # fmt: skip
+    arch = doc["model"].get("architecture")
+    facts = None
+    if isinstance(arch, Mapping):
+        facts = rules.ModelFacts(
+            arch["model_type"], arch["num_attention_heads"], arch["num_key_value_heads"],
+            arch["intermediate_size"], arch["num_hidden_layers"],
+            arch.get("moe_intermediate_size") if arch.get("n_routed_experts") else None,
+        )  # fmt: skip
+    counts = {"ids": len(gpus.get("ids") or []), "declared": len(gpus.get("declared") or []),
+              "least_used": gpus.get("count"), "cpu": 0}  # fmt: skip
+    nnodes = (doc.get("launch") or {}).get("nnodes", 1)
+    out = rules.transformers_parallel_problems(request, facts, rules.installed_transformers())
+    return out + rules.gpu_count_problems(request.world_size, nnodes, counts.get(gpus["mode"]))
+
+
 _VLLM_KEYS = ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "block_size",
               "enforce_eager")  # fmt: skip
 
@@ -335,25 +361,6 @@ def _engine_rules(engine: Mapping[str, Any]) -> list[Problem]:
         for key in _VLLM_KEYS
         if key in engine
     ]
-
-
-def _tensor_parallel_rules(doc: Mapping[str, Any]) -> list[Problem]:
-    """transformers' TP splits q and k/v heads evenly (no KV replication); vLLM replicates KV."""
-    tp = (doc.get("parallel") or {}).get("tp_size", 1)
-    arch = doc["model"].get("architecture")
-    if tp == 1 or (doc.get("engine") or {}).get("name") == "vllm" or not isinstance(arch, Mapping):
-        return []
-    heads, kv = arch["num_attention_heads"], arch["num_key_value_heads"]
-    out = []
-    for what, n in (("attention heads", heads), ("KV heads", kv)):
-        if n % tp:
-            vllm_can = what == "KV heads" and heads % tp == 0 and tp % kv == 0
-            hint = ("engine=vllm replicates KV heads when tp exceeds them (glmdeploy export vllm …)"
-                    if vllm_can else f"parallel.tp_size=<a divisor of {n}>")  # fmt: skip
-            message = (f"{tp}, but the model's {n} {what} do not divide by it: transformers' "
-                       "tensor parallelism gives every rank whole heads")  # fmt: skip
-            out.append(Problem("parallel.tp_size", message, f"a divisor of {n}", hint))
-    return out
 
 
 def _runtime_rules(runtime: Mapping[str, Any], model: Mapping[str, Any]) -> list[Problem]:

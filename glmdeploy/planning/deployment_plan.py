@@ -25,6 +25,7 @@ from glmdeploy.config.settings import (
     SourceKind,
     Strategy,
 )
+from glmdeploy.distributed.rules import runs_on_torchrun
 from glmdeploy.hardware.gpu_select import GpuAssignment, select_gpus
 from glmdeploy.hardware.nvml import HardwareSnapshot, declared_snapshot, probe
 from glmdeploy.hardware.precision import resolve_dtype, selected_gpus
@@ -136,6 +137,10 @@ def plan_deployment(
     try:
         if deployment.placement.strategy is Strategy.PLAN_FILE:
             plan = restore_plan(deployment, anatomy, devices)
+        elif runs_on_torchrun(deployment):  # one row per rank (glmdeploy.distributed)
+            from glmdeploy.distributed.rank_plan import plan_ranks
+
+            plan = plan_ranks(deployment, anatomy, devices, weights_only=weights_only)
         else:
             plan = plan_placement(deployment, anatomy, devices, weights_only=weights_only)
     except PlanDoesNotFit as exc:

@@ -60,6 +60,49 @@ class BudgetRow:
     total_bytes: int
     capacity_bytes: int
     utilisation: float
+    rank: int | None = None  # parallel plans: the rank this row budgets (`Plan.parallel`)
+
+
+@dataclass(frozen=True)
+class RankShare:
+    """Where one rank of a tensor/pipeline-parallel plan runs and which layers its stage holds."""
+
+    rank: int
+    node: int  # torchrun's group rank
+    local_rank: int  # the rank's index on its node: GPU cuda:<local_rank>
+    stage: int  # pipeline stage
+    tp_rank: int  # index within the stage's tensor-parallel group
+    layers: tuple[int, int]  # decoder layers [start, end) of its stage
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How a parallel plan splits the model: `rows[i]` of the plan budgets `ranks[i]`.
+
+    `split` lists the parameters divided across a stage's tensor-parallel ranks (name, global
+    shape, rank 0's shard, what is split), `replicated` the parameters and buffers every rank
+    holds whole; both by wildcard name (`model.layers.*.…`).
+    """
+
+    tp_size: int
+    pp_size: int
+    nnodes: int
+    backend: str  # gloo (CPU ranks) or nccl (GPU ranks)
+    ranks: tuple[RankShare, ...]
+    split: tuple[str, ...] = ()
+    replicated: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ParallelLayout:
+        return cls(
+            tp_size=int(data["tp_size"]),
+            pp_size=int(data["pp_size"]),
+            nnodes=int(data["nnodes"]),
+            backend=str(data["backend"]),
+            ranks=tuple(RankShare(**{**r, "layers": tuple(r["layers"])}) for r in data["ranks"]),
+            split=tuple(data.get("split", ())),
+            replicated=tuple(data.get("replicated", ())),
+        )
 
 
 @dataclass(frozen=True)
@@ -152,6 +195,7 @@ class Plan:
         fingerprint: what it was computed for.
         offloaded_bytes: weight bytes on cpu/disk, streamed to the execution GPU every forward
             pass (every generated token).
+        parallel: tensor/pipeline-parallel plans: the ranks (one row each); None for device maps.
     """
 
     strategy: str
@@ -163,6 +207,7 @@ class Plan:
     notes: tuple[str, ...]
     fingerprint: Fingerprint
     offloaded_bytes: int = 0
+    parallel: ParallelLayout | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (infinite utilisations become None)."""
@@ -194,6 +239,7 @@ class Plan:
             notes=tuple(data["notes"]),
             fingerprint=Fingerprint(**{f.name: fp[f.name] for f in fields(Fingerprint)}),
             offloaded_bytes=int(data.get("offloaded_bytes", 0)),
+            parallel=ParallelLayout.from_dict(data["parallel"]) if data.get("parallel") else None,
         )
 
 

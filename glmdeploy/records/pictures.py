@@ -82,6 +82,7 @@ def save_figure(fig: Any, path: Path) -> None:
 def _tick(row: BudgetRow) -> str:
     """A GPU's label carries its model name on a second line."""
     label = device_label(row.device)
+    label = f"rank {row.rank}\n{label}" if row.rank is not None else label
     return f"{label}\n{row.name}" if _gpu(row) else label
 
 
