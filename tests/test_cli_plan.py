@@ -37,7 +37,7 @@ def test_plan_json_is_the_plan(cli: Any) -> None:
 def test_does_not_fit_names_fixes_and_exits_5(cli: Any) -> None:
     result = cli("plan", "model=llama-3-70b", "gpus=2x24gib", "precision=bf16")
     assert result.code == 5
-    assert "does not fit: peak" in result.out
+    assert "does not fit: GPU 1 (RTX 4090) would need" in result.out
     assert "error: the deployment does not fit" in result.err
     assert "hint: placement.offload=cpu" in result.err
     assert "GPUs of 24.0 GiB would fit" in result.err

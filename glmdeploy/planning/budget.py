@@ -20,6 +20,7 @@ from glmdeploy.planning.types import (
     Fingerprint,
     Hop,
     Plan,
+    Verdict,
     device_label,
     summarise,
 )
@@ -80,14 +81,8 @@ def assemble(
         rows.append(_row(spec, anatomy, memory, units, weights, kv, workspace, reserve, capacity))
     stray = [k for k in on if k not in gpu_keys and k not in {s.key for s in offload_devices}]
 
-    gpu_utils = [r.utilisation for r in rows if isinstance(r.device, int)]
-    fits = not stray and len(assignment) == len(anatomy.units)
-    fits = fits and all(u <= 1 + TOLERANCE for u in gpu_utils)
-    fits = fits and all(
-        r.capacity_bytes == 0 or r.total_bytes <= r.capacity_bytes
-        for r in rows
-        if not isinstance(r.device, int)
-    )
+    complete = not stray and len(assignment) == len(anatomy.units)
+    plan_hops = hops(anatomy, assignment)
     offloaded_bytes = sum(memory.unit_weights[i] - memory.unit_buffers[i] for i in offloaded)
     all_notes = [*notes, *_notes(anatomy, memory, assignment, on, offloaded_bytes, execution)]
     if stray:
@@ -96,13 +91,52 @@ def assemble(
         strategy=strategy,
         device_map={n: assignment[n] for n in anatomy.names if n in assignment},
         rows=tuple(rows),
-        hops=hops(anatomy, assignment),
-        fits=fits,
-        max_utilisation=max(gpu_utils, default=0.0),
+        hops=plan_hops,
+        verdict=judge(rows, plan_hops, complete=complete),
         notes=tuple(all_notes),
         fingerprint=fingerprint,
         offloaded_bytes=offloaded_bytes,
     )
+
+
+def judge(rows: Sequence[BudgetRow], plan_hops: Sequence[Hop], *, complete: bool) -> Verdict:
+    """The plan's one verdict: does it fit, which device binds, and how tightly.
+
+    Every GPU has a budget (capacity − reserve); cpu and disk have one when their capacity is
+    known (not 0). The binding device is the most utilised of those; the plan fits when every unit
+    is placed where it may go (`complete`) and no budget is exceeded.
+    """
+    budgeted = [r for r in rows if isinstance(r.device, int) or r.capacity_bytes > 0]
+    binding = max(budgeted, key=lambda r: r.utilisation, default=None)
+    within = all(r.utilisation <= 1 + TOLERANCE for r in budgeted)
+    utilisation = binding.utilisation if binding is not None else 0.0
+    device = binding.device if binding is not None else None
+    if complete and within:
+        holding = sum(1 for r in rows if r.weights_bytes)
+        peak = (
+            f"peak {percent(utilisation)} of budget ({device_label(binding.device)})"
+            if binding is not None
+            else "no device with a known budget"
+        )
+        sentence = (
+            f"fits: {holding} device(s) hold weights, {peak}, "
+            f"{len(plan_hops)} cross-device hop(s) per forward pass"
+        )
+        return Verdict(True, device, utilisation, sentence)
+    if binding is not None and not within:
+        sentence = (
+            f"does not fit: {device_label(binding.device)} ({binding.name}) would need "
+            f"{binding.total_bytes / GIB:.1f} GiB of its {binding.capacity_bytes / GIB:.1f} GiB "
+            f"({percent(utilisation)} of budget)"
+        )
+    else:
+        sentence = "does not fit: units are unplaced or on devices that offload does not allow"
+    return Verdict(False, device, utilisation, sentence)
+
+
+def percent(utilisation: float) -> str:
+    """A utilisation as the table shows it: `55%`, `∞` when there is no budget at all."""
+    return "∞" if math.isinf(utilisation) else f"{utilisation:.0%}"
 
 
 def hops(anatomy: Anatomy, assignment: Mapping[str, DeviceKey]) -> tuple[Hop, ...]:

@@ -20,7 +20,7 @@ from glmdeploy.config.settings import (
     Strategy,
 )
 from glmdeploy.model.anatomy import Anatomy
-from glmdeploy.planning.types import DeviceSpec, Plan
+from glmdeploy.planning.types import DeviceSpec, Plan, device_label
 from glmdeploy.problems import Problem
 
 MAX_EXTRA_GPUS = 64
@@ -70,18 +70,23 @@ def does_not_fit_problems(
 
 
 def _shortfall(plan: Plan) -> Problem:
+    """How far the plan is from fitting, on the verdict's binding device, then in total."""
     gpus = [r for r in plan.rows if isinstance(r.device, int)]
-    need = sum(r.total_bytes - r.reserve_bytes for r in gpus)
-    usable = sum(max(0, r.capacity_bytes - r.reserve_bytes) for r in gpus)
-    weights = sum(r.weights_bytes for r in plan.rows)
-    over = [r for r in gpus if r.utilisation > 1]
-    totals = f"all GPUs: {_gib(need)} needed, {_gib(usable)} usable (weights alone {_gib(weights)})"
-    if over:
-        worst = max(over, key=lambda r: r.total_bytes - r.capacity_bytes)
+    over = [r for r in plan.rows if (isinstance(r.device, int) or r.capacity_bytes) and
+            r.total_bytes > r.capacity_bytes]  # fmt: skip
+    binding = next((r for r in plan.rows if r.device == plan.verdict.device), None)
+    weights = f"weights alone {_gib(sum(r.weights_bytes for r in plan.rows))}"
+    if gpus:
+        need = sum(r.total_bytes - r.reserve_bytes for r in gpus)
+        usable = sum(max(0, r.capacity_bytes - r.reserve_bytes) for r in gpus)
+        totals = f"all GPUs: {_gib(need)} needed, {_gib(usable)} usable ({weights})"
+    else:
+        totals = f"no GPU: the CPU runs the model ({weights})"
+    if over and binding is not None:
         short = sum(r.total_bytes - r.capacity_bytes for r in over)
         message = (
-            f"short by {_gib(short)}: GPU {worst.device} ({worst.name}) would need "
-            f"{_gib(worst.total_bytes)} of its {_gib(worst.capacity_bytes)}; {totals}"
+            f"short by {_gib(short)}: {device_label(binding.device)} ({binding.name}) would need "
+            f"{_gib(binding.total_bytes)} of its {_gib(binding.capacity_bytes)}; {totals}"
         )
     else:
         off = [r for r in plan.rows if not isinstance(r.device, int)]

@@ -35,9 +35,16 @@ from glmdeploy.config.settings import GIB, Deployment, Dtype, Strategy
 from glmdeploy.hardware.precision import GpuCapability, resolve_dtype
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.planning import partition
-from glmdeploy.planning.budget import assemble, fingerprint
+from glmdeploy.planning.budget import TOLERANCE, assemble, fingerprint, percent
 from glmdeploy.planning.memory import MemoryModel, memory_model
-from glmdeploy.planning.types import DeviceKey, DeviceSpec, Fingerprint, Plan, PlanDoesNotFit
+from glmdeploy.planning.types import (
+    DeviceKey,
+    DeviceSpec,
+    Fingerprint,
+    Plan,
+    PlanDoesNotFit,
+    device_label,
+)
 from glmdeploy.problems import ConfigError, Problem
 
 AUTO_TARGET = 0.9
@@ -133,10 +140,32 @@ def try_plan(
         assignment, notes = _automatic(setup, strategy)
     devices_used = (*setup.gpus, *setup.offload_devices)
     stamp = fingerprint(anatomy, setup.memory, deployment.runtime, devices_used, setup.capacities)
-    return assemble(
+    plan = assemble(
         anatomy, setup.memory, setup.gpus, setup.offload_devices, setup.capacities, assignment,
         strategy=str(strategy), notes=notes, fingerprint=stamp,
     )  # fmt: skip
+    if strategy is Strategy.BALANCED_LOW_0 and setup.gpus:
+        frac = deployment.placement.gpu0_free_fraction
+        plan = replace(plan, notes=(*plan.notes, low_0_note(plan, frac)))
+    return plan
+
+
+def low_0_note(plan: Plan, free_fraction: float) -> str:
+    """What balanced_low_0 did, in the numbers of the plan's own rows."""
+    first, *others = [r for r in plan.rows if isinstance(r.device, int)]
+    label = device_label(first.device)
+    limit = 1 - free_fraction
+    rest = max((r.utilisation for r in others), default=None)
+    rest_text = f", the other GPUs at up to {percent(rest)}" if rest is not None else ""
+    if first.utilisation <= limit + TOLERANCE:
+        return (
+            f"balanced_low_0: {label} keeps {free_fraction:.0%} of its budget free: it is planned "
+            f"at {percent(first.utilisation)} (at most {limit:.0%}){rest_text}"
+        )
+    return (
+        f"balanced_low_0: {label} was to keep {free_fraction:.0%} of its budget free, but is "
+        f"planned at {percent(first.utilisation)}{rest_text}: the model does not fit otherwise"
+    )
 
 
 def current_fingerprint(
@@ -250,11 +279,6 @@ def _automatic(setup: _Setup, strategy: Strategy) -> tuple[dict[str, DeviceKey],
             for i in item:
                 assignment[setup.anatomy.units[i].name] = gpu.key
     assignment.update(_offload_rest(setup, cut))
-    if strategy is Strategy.BALANCED_LOW_0:
-        frac = setup.deployment.placement.gpu0_free_fraction
-        notes.append(
-            f"balanced_low_0: GPU {setup.gpus[0].key} planned at {1 - frac:.0%} of its budget"
-        )
     order = {u.name: i for i, u in enumerate(setup.anatomy.units)}
     return dict(sorted(assignment.items(), key=lambda kv: order[kv[0]])), notes
 
