@@ -221,7 +221,6 @@ def _key_problem(key: str, value: str | None, source: ConfigSource) -> Problem:
             "plan_file": "placement=plan_file",
             "ids": "gpus=ids",
             "count": "gpus=least_used",
-            "declared": "gpus=declared",
         }
         choose = owner.get(leaf)
         hint = f"choose {choose} first" if choose else f"add it with +{key}={value or '…'}"

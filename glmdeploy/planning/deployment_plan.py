@@ -16,14 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glmdeploy import atomic
-from glmdeploy.config.settings import (
-    Deployment,
-    GpuMode,
-    SourceKind,
-    Strategy,
-)
-from glmdeploy.hardware.gpu_select import GpuAssignment, select_gpus
-from glmdeploy.hardware.nvml import HardwareSnapshot, declared_snapshot, probe
+from glmdeploy.config.settings import Deployment, SourceKind, Strategy
+from glmdeploy.hardware.gpu_select import GpuAssignment, existing_gpus, select_gpus
+from glmdeploy.hardware.nvml import HardwareSnapshot
 from glmdeploy.hardware.precision import resolve_dtype, selected_gpus
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.model.hf_config import hf_config_for
@@ -59,13 +54,8 @@ class DeploymentDoesNotFit(PlanDoesNotFit):
 
 
 def hardware_for(deployment: Deployment) -> HardwareSnapshot:
-    """The GPUs to plan for: the declared fleet, nothing (cpu), or this machine's (NVML)."""
-    mode = deployment.gpus.mode
-    if mode is GpuMode.DECLARED:
-        return declared_snapshot(deployment.gpus.declared)
-    if mode is GpuMode.CPU:
-        return HardwareSnapshot((), None, None, None, "none")
-    return probe()
+    """The GPUs that exist to plan for: the declared fleet, else this machine's (NVML)."""
+    return existing_gpus(deployment.gpus)
 
 
 def offload_devices(
