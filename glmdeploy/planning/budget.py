@@ -27,6 +27,7 @@ from glmdeploy.planning.types import (
 
 PCIE_BYTES_PER_S = 25e9  # PCIe 4.0 x16, effective host-to-device
 DISK_BYTES_PER_S = 2e9  # a fast NVMe SSD
+RAM_BYTES_PER_S = 50e9  # a desktop's dual-channel DDR5 (servers have more): CPU decoding's bound
 TOLERANCE = 1e-9
 
 
@@ -126,12 +127,17 @@ def judge(rows: Sequence[BudgetRow], plan_hops: Sequence[Hop], *, complete: bool
     if binding is not None and not within:
         sentence = (
             f"does not fit: {device_label(binding.device)} ({binding.name}) would need "
-            f"{binding.total_bytes / GIB:.1f} GiB of its {binding.capacity_bytes / GIB:.1f} GiB "
+            f"{size(binding.total_bytes)} of its {size(binding.capacity_bytes)} "
             f"({percent(utilisation)} of budget)"
         )
     else:
         sentence = "does not fit: units are unplaced or on devices that offload does not allow"
     return Verdict(False, device, utilisation, sentence)
+
+
+def size(nbytes: float) -> str:
+    """`17.5 GiB`; below 0.1 GiB in MiB (`0.8 MiB`), so small models show real numbers."""
+    return f"{nbytes / GIB:.1f} GiB" if abs(nbytes) >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def percent(utilisation: float) -> str:
@@ -201,7 +207,12 @@ def _notes(
 ) -> list[str]:
     notes: list[str] = []
     if execution == "cpu" and not any(isinstance(k, int) for k in on):
-        notes.append("no unit is on a GPU: the CPU runs the whole model")
+        ram = sum(memory.unit_weights[i] for i in on.get("cpu", []))
+        notes.append(
+            f"no unit is on a GPU: the CPU runs the whole model, reading its {size(ram)} "
+            f"of weights in RAM for every generated token: ≥ {milliseconds(ram / RAM_BYTES_PER_S)} "
+            f"ms/token at {RAM_BYTES_PER_S / 1e9:.0f} GB/s"
+        )
     if anatomy.order_source != "traced":
         notes.append("forward order inferred from registration order (tracing failed)")
     for group in anatomy.tied_groups:
@@ -219,9 +230,15 @@ def _notes(
             f"offload: {offloaded_bytes / GIB:.2f} GiB of weights live off-GPU and are copied to "
             f"{device_label(execution)} on every forward pass (every generated token)"
             f"{disk if disk_bytes else ''}: "
-            f"≥ {seconds * 1e3:.0f} ms/token at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s PCIe"
+            f"≥ {milliseconds(seconds)} ms/token at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s PCIe"
         )
     return notes
+
+
+def milliseconds(seconds: float) -> str:
+    """`375`, `4.2`, `0.017`: milliseconds with the digits that matter."""
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 10 else f"{ms:.1f}" if ms >= 1 else f"{ms:.2g}"
 
 
 def fingerprint(

@@ -16,16 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glmdeploy import atomic
-from glmdeploy.config.settings import Deployment, SourceKind, Strategy
+from glmdeploy.config.settings import Deployment, Quantization, SourceKind, Strategy
 from glmdeploy.hardware.gpu_select import GpuAssignment, existing_gpus, select_gpus
 from glmdeploy.hardware.nvml import HardwareSnapshot
-from glmdeploy.hardware.precision import resolve_dtype, selected_gpus
+from glmdeploy.hardware.precision import (
+    ASSUMED,
+    QuantizationSupport,
+    quantization_support,
+    resolve_dtype,
+    selected_gpus,
+)
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.model.hf_config import hf_config_for
 from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.planning.strategies import current_fingerprint, plan_placement
 from glmdeploy.planning.types import DeviceSpec, Plan, PlanDoesNotFit
-from glmdeploy.problems import ConfigError, Problem
+from glmdeploy.problems import ConfigError, HardwareError, Problem
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,12 @@ class PlannedDeployment:
     plan: Plan
     dtype_reason: str = ""  # why this dtype (precision=auto resolves per GPU)
     requested: Deployment | None = None
+    quantization: QuantizationSupport = ASSUMED  # can int8/int4 run there; what this machine lacks
+
+    @property
+    def lacking_here(self) -> str | None:
+        """What the plan assumes that this machine cannot do (declared GPUs only), or None."""
+        return self.quantization.note(self.deployment.precision.quantization)
 
 
 class DeploymentDoesNotFit(PlanDoesNotFit):
@@ -119,18 +131,27 @@ def plan_deployment(
         for d in assignment.devices
     ]
     devices = (*gpu_specs, *offload_devices(deployment, has_gpus=bool(gpu_specs)))
+    # int8/int4 only where they can run: declared GPUs are assumed to, this machine must.
+    quant = deployment.precision.quantization
+    support = quantization_support(assignment)
+    if quant is not Quantization.NONE and not support.runs:
+        raise HardwareError([support.refusal(quant)])
+    lacking = tuple(n for n in (support.note(quant),) if n)
     anatomy = build_anatomy(hf_config_for(deployment.model))
     if deployment.placement.strategy is Strategy.PLAN_FILE:
         plan = restore_plan(deployment, anatomy, devices)
     else:
         try:
-            plan = plan_placement(deployment, anatomy, devices, weights_only=weights_only)
+            plan = plan_placement(deployment, anatomy, devices, weights_only=weights_only,
+                                  quantization=support)  # fmt: skip
         except PlanDoesNotFit as exc:
-            best = PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, exc.plan,
-                                     dtype_reason, requested)  # fmt: skip
+            worst = dataclasses.replace(exc.plan, notes=(*exc.plan.notes, *lacking))
+            best = PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, worst,
+                                     dtype_reason, requested, support)  # fmt: skip
             raise DeploymentDoesNotFit(exc.problems, best) from exc
+    plan = dataclasses.replace(plan, notes=(*plan.notes, *lacking))
     return PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, plan, dtype_reason,
-                             requested)  # fmt: skip
+                             requested, support)  # fmt: skip
 
 
 def restore_plan(deployment: Deployment, anatomy: Anatomy, devices: tuple[DeviceSpec, ...]) -> Plan:

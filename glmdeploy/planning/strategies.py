@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from glmdeploy.config.settings import GIB, Deployment, Dtype, Strategy
-from glmdeploy.hardware.precision import GpuCapability, resolve_dtype
+from glmdeploy.hardware.precision import ASSUMED, GpuCapability, QuantizationSupport, resolve_dtype
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.planning import partition
 from glmdeploy.planning.budget import TOLERANCE, assemble, fingerprint, percent
@@ -68,6 +68,7 @@ def plan_placement(
     devices: Sequence[DeviceSpec],
     *,
     weights_only: bool = False,
+    quantization: QuantizationSupport = ASSUMED,
 ) -> Plan:
     """Plan where each unit goes, with its memory budget.
 
@@ -77,6 +78,7 @@ def plan_placement(
         devices: selected GPUs in selection order (key = physical id), plus "cpu"/"disk" specs
             when offload may use them (absent: unlimited).
         weights_only: count weights only (no KV, workspace or reserve), as transformers does.
+        quantization: whether int8/int4 can run on these GPUs (fix advice offers them only then).
 
     Raises:
         ConfigError: an invalid explicit map, or `plan_file` (restore saved plans with
@@ -89,7 +91,8 @@ def plan_placement(
     plan = try_plan(deployment, anatomy, devices, weights_only=weights_only)
     if not plan.fits:
         problems = does_not_fit_problems(deployment, anatomy, devices, plan, try_plan,
-                                         weights_only=weights_only)  # fmt: skip
+                                         weights_only=weights_only,
+                                         quantization=quantization)  # fmt: skip
         raise PlanDoesNotFit(problems, plan)
     return plan
 

@@ -228,7 +228,10 @@ class Plan:
 
 
 class PlanDoesNotFit(DoesNotFitError):
-    """No placement fits: the problems give the shortfall and the fixes; `plan` is the best one."""
+    """No placement fits: the problems give the shortfall, then the fixes, cheapest first; `plan`
+    is the best one."""
+
+    ranked = True
 
     def __init__(self, problems: Sequence[Problem], plan: Plan) -> None:
         super().__init__(problems)
