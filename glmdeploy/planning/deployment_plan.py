@@ -27,7 +27,7 @@ from glmdeploy.hardware.precision import (
     selected_gpus,
 )
 from glmdeploy.model.anatomy import Anatomy
-from glmdeploy.model.hf_config import hf_config_for
+from glmdeploy.model.hf_config import checkpoint_layout, hf_config_for
 from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.planning.strategies import current_fingerprint, plan_placement
 from glmdeploy.planning.types import DeviceSpec, Plan, PlanDoesNotFit
@@ -38,7 +38,8 @@ from glmdeploy.problems import ConfigError, HardwareError, Problem
 class PlannedDeployment:
     """Everything `plan` computed, which `load` needs and run records keep.
 
-    `deployment` has its dtype resolved (never `auto`); `requested` is the deployment as given.
+    `deployment` has its dtype resolved (never `auto`) and its checkpoint layout detected;
+    `requested` is the deployment as given.
     """
 
     deployment: Deployment
@@ -121,10 +122,15 @@ def plan_deployment(
     requested = deployment
     snapshot = snapshot if snapshot is not None else hardware_for(deployment)
     assignment = select_gpus(deployment.gpus, snapshot, os.environ if env is None else env)
-    # Plan in the dtype the loader will use (auto: bf16 where every selected GPU has it).
+    # Plan in the dtype the loader will use (auto: bf16 where every selected GPU has it), knowing
+    # the checkpoint's naming (a detected ChatGLM2/3 checkpoint accepts maps in its own names).
     dtype, dtype_reason = resolve_dtype(deployment.precision.dtype, selected_gpus(assignment))
+    model = deployment.model
+    source = dataclasses.replace(model.source, layout=checkpoint_layout(model))
     deployment = dataclasses.replace(
-        deployment, precision=dataclasses.replace(deployment.precision, dtype=dtype)
+        deployment,
+        model=dataclasses.replace(model, source=source),
+        precision=dataclasses.replace(deployment.precision, dtype=dtype),
     )
     gpu_specs = [
         DeviceSpec(d.physical_id, d.physical_id, d.name, d.capacity_bytes, d.compute_capability)

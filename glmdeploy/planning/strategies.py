@@ -31,7 +31,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from glmdeploy.config.settings import GIB, Deployment, Dtype, Strategy
+from glmdeploy.config.settings import GIB, CheckpointLayout, Deployment, Dtype, Strategy
 from glmdeploy.hardware.precision import ASSUMED, GpuCapability, QuantizationSupport, resolve_dtype
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.planning import partition
@@ -128,12 +128,14 @@ def try_plan(
         from glmdeploy.planning.explicit_map import check_explicit_map
 
         keys = [g.key for g in setup.gpus]
+        placement = deployment.placement
+        legacy = deployment.model.source.layout is CheckpointLayout.CHATGLM
         check = check_explicit_map(
-            deployment.placement.map, anatomy, keys, deployment.placement.offload
+            placement.map, anatomy, keys, placement.offload, checkpoint_names=legacy
         )
         if not check.ok:
             raise ConfigError(list(check.problems))
-        assignment = check.device_map
+        assignment, notes = check.device_map, list(check.notes)
     elif strategy is Strategy.TRANSFORMERS:
         from glmdeploy.planning.transformers_map import max_memory, transformers_assignment
 
