@@ -95,7 +95,7 @@ def _model_rules(model: Mapping[str, Any]) -> list[Problem]:
 def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
     """What to use (mode, ids, count) must be one consistent choice among what exists."""
     out: list[Problem] = []
-    mode, declared = gpus["mode"], gpus.get("declared")
+    mode, declared = gpus.get("mode", "auto"), gpus.get("declared")
     ids, count = gpus.get("ids"), gpus.get("count")
     if mode == LEGACY_DECLARED_MODE and not declared:
         hint = "describe the fleet: gpus.declared=[{name: A100, memory_gib: 80}], or gpus=2x24gib"
@@ -171,7 +171,7 @@ def _fleet_rules(size: int, ids: list[int], count: int | None) -> list[Problem]:
 
 def _selected_ids(gpus: Mapping[str, Any]) -> set[int] | None:
     """Physical ids the config may use, or None where only the hardware knows (probed GPUs)."""
-    mode = use_mode(gpus["mode"], gpus.get("ids"), gpus.get("count"))
+    mode = use_mode(gpus.get("mode", "auto"), gpus.get("ids"), gpus.get("count"))
     if mode is GpuMode.IDS:
         return set(gpus.get("ids") or [])
     if mode is GpuMode.CPU:
@@ -183,7 +183,7 @@ def _selected_ids(gpus: Mapping[str, Any]) -> set[int] | None:
 def _precision_rules(precision: Mapping[str, Any], gpus: Mapping[str, Any]) -> list[Problem]:
     out: list[Problem] = []
     quant = precision.get("quantization", "none")
-    if quant != "none" and gpus["mode"] == "cpu":
+    if quant != "none" and gpus.get("mode") == "cpu":
         out.append(
             Problem(
                 "precision.quantization",
@@ -273,7 +273,7 @@ def _map_rules(entries: list[Any], offload: str, gpus: Mapping[str, Any]) -> lis
                     "allow it: placement.offload=disk",
                 )
             )
-        if device == "cpu" and offload == "none" and gpus["mode"] != "cpu":
+        if device == "cpu" and offload == "none" and gpus.get("mode") != "cpu":
             out.append(
                 Problem(
                     where,

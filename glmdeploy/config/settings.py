@@ -176,7 +176,7 @@ class GpuSelection:
         fleet = _fleet_text(self.declared)
         used = {
             GpuMode.AUTO: fleet or "all visible GPUs",
-            GpuMode.IDS: f"GPUs {', '.join(map(str, self.ids))}",
+            GpuMode.IDS: f"GPU{'s' if len(self.ids) > 1 else ''} {', '.join(map(str, self.ids))}",
             GpuMode.LEAST_USED: f"{self.count} least used GPU(s)",
             GpuMode.CPU: "CPU",
         }[self.mode]
@@ -283,7 +283,7 @@ def deployment_from_dict(cfg: Mapping[str, Any]) -> Deployment:
             architecture=Architecture(**arch) if arch else None,
         ),
         gpus=GpuSelection(
-            mode=use_mode(g["mode"], g.get("ids"), g.get("count")),
+            mode=use_mode(g.get("mode", "auto"), g.get("ids"), g.get("count")),
             ids=_tuple(g.get("ids")),
             count=g.get("count"),
             declared=tuple(

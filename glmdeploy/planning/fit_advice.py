@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from glmdeploy.config.settings import (
     Deployment,
@@ -113,26 +113,29 @@ def _shortfall(plan: Plan) -> Problem:
     return Problem("placement", message, hint="one of the fixes below, or fewer/larger units")
 
 
-def _largest_fitting(current: int, fits: Callable[[int], bool]) -> int | None:
-    """The largest n < current for which `fits(n)` (fits is monotone), or None."""
-    if current <= 1 or not fits(1):
-        return None
-    lo, hi = 1, current  # fits(lo), not fits(hi)
+def _largest_fitting(
+    deployment: Deployment, devices: Sequence[DeviceSpec], _try: _Try, key: str
+) -> tuple[int, int | None]:
+    """`runtime.<key>` now, and the largest smaller value that fits (None: not even 1)."""
+    runtime = deployment.runtime
+    now: int = getattr(runtime, key)
+
+    def fits(value: int) -> bool:
+        change: dict[str, Any] = {key: value}
+        changed = replace(deployment, runtime=replace(runtime, **change))
+        return _try(changed, devices, False).fits
+
+    if now <= 1 or not fits(1):
+        return now, None
+    lo, hi = 1, now  # fits(lo), not fits(hi); fitting is monotone in both keys
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return now, lo
 
 
 def _batch_fix(deployment: Deployment, devices: Sequence[DeviceSpec], _try: _Try) -> list[Problem]:
-    runtime = deployment.runtime
-    now = runtime.batch_size
-
-    def fits(batch: int) -> bool:
-        changed = replace(deployment, runtime=replace(runtime, batch_size=batch))
-        return _try(changed, devices, False).fits
-
-    best = _largest_fitting(now, fits)
+    now, best = _largest_fitting(deployment, devices, _try, "batch_size")
     if best is None:
         return []
     ratio = now / best
@@ -149,18 +152,11 @@ def _batch_fix(deployment: Deployment, devices: Sequence[DeviceSpec], _try: _Try
 def _context_fix(
     deployment: Deployment, devices: Sequence[DeviceSpec], _try: _Try
 ) -> list[Problem]:
-    runtime = deployment.runtime
-    now = runtime.max_context_tokens
-
-    def fits(tokens: int) -> bool:
-        changed = replace(deployment, runtime=replace(runtime, max_context_tokens=tokens))
-        return _try(changed, devices, False).fits
-
-    best = _largest_fitting(now, fits)
+    now, best = _largest_fitting(deployment, devices, _try, "max_context_tokens")
     if best is None:
         return []
     value = best // 256 * 256 or best
-    if value <= runtime.max_new_tokens:  # no room left for a prompt: not a fix
+    if value <= deployment.runtime.max_new_tokens:  # no room left for a prompt: not a fix
         return []
     return [
         Problem(

@@ -251,8 +251,7 @@ def _split(
 def _automatic(setup: _Setup, strategy: Strategy) -> tuple[dict[str, DeviceKey], list[str]]:
     """balanced / balanced_low_0 / sequential / auto, with offload when allowed."""
     notes: list[str] = []
-    if not setup.gpus:
-        notes.append("no GPU selected: the model runs on the CPU")
+    if not setup.gpus:  # the CPU runs the model (the plan's notes say so, with the cost)
         return {u.name: "cpu" for u in setup.anatomy.units}, notes
     budgets = _budgets(setup, strategy)
     real = _budgets(setup, Strategy.BALANCED)
