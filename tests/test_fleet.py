@@ -126,6 +126,8 @@ def test_a_legacy_declared_mode_still_means_all_of_the_fleet() -> None:
     config["gpus"]["mode"] = "declared"
     dep = glmdeploy.validate(config)
     assert dep.gpus.mode is GpuMode.AUTO and len(dep.gpus.declared) == 2
+    del config["gpus"]["mode"]  # a fleet file may give just `declared:`
+    assert glmdeploy.validate(config).gpus == dep.gpus
 
 
 def test_declared_gpus_cannot_be_loaded() -> None:
