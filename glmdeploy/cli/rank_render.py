@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from glmdeploy.config.settings import GIB
-from glmdeploy.planning.types import ParallelLayout, Plan, device_label
+from glmdeploy.planning.types import ParallelLayout, device_label
 
 if TYPE_CHECKING:
     from glmdeploy.planning.deployment_plan import PlannedDeployment
@@ -65,14 +65,6 @@ def print_split(console: Any, layout: ParallelLayout) -> None:
     for line in layout.split:
         console.print(f"  {line}")
     console.print(f"whole on every rank: {', '.join(layout.replicated) or 'nothing'}")
-
-
-def rank_verdict(plan: Plan) -> str:
-    ranks = len(plan.rows)
-    if plan.fits:
-        return f"fits: {ranks} ranks, peak {plan.max_utilisation:.0%} of a rank's budget"
-    over = [str(r.rank) for r in plan.rows if r.utilisation > 1]
-    return f"does not fit: rank {', '.join(over)} over budget, peak {plan.max_utilisation:.0%}"
 
 
 def _gib(n: int) -> str:

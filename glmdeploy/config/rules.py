@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from glmdeploy.config.settings import LEGACY_DECLARED_MODE, GpuMode, use_mode
 from glmdeploy.problems import Problem
 
 _RANGE = re.compile(r"^(?P<prefix>.*\.)(?P<start>\d+)(?:-(?P<end>\d+))?$")
@@ -95,23 +96,37 @@ def _model_rules(model: Mapping[str, Any], engine: Mapping[str, Any]) -> list[Pr
 
 
 def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
+    """What to use (mode, ids, count) must be one consistent choice among what exists."""
     out: list[Problem] = []
-    mode = gpus["mode"]
-    for key, owner in (("ids", "ids"), ("count", "least_used"), ("declared", "declared")):
-        if mode == owner and key not in gpus:
+    mode, declared = gpus.get("mode", "auto"), gpus.get("declared")
+    ids, count = gpus.get("ids"), gpus.get("count")
+    if mode == LEGACY_DECLARED_MODE and not declared:
+        hint = "describe the fleet: gpus.declared=[{name: A100, memory_gib: 80}], or gpus=2x24gib"
+        out.append(Problem("gpus.declared", "required when gpus.mode=declared", None, hint))
+    for key, value, owner in (("ids", ids, "ids"), ("count", count, "least_used")):
+        if mode == owner and value is None:
             out.append(
                 Problem(f"gpus.{key}", f"required when gpus.mode={mode}", None, f"set gpus.{key}=…")
             )
-        if mode != owner and gpus.get(key) is not None:
+        if mode not in (owner, "auto", LEGACY_DECLARED_MODE) and value is not None:
             out.append(
                 Problem(
                     f"gpus.{key}",
-                    f"only used with gpus={owner}, but gpus.mode={mode}",
+                    f"only used with gpus.mode={owner} (or auto), but gpus.mode={mode}",
                     None,
                     f"choose gpus={owner}, or remove it: ~gpus.{key}",
                 )
             )
-    ids = gpus.get("ids") or []
+    if mode in ("auto", LEGACY_DECLARED_MODE) and ids is not None and count is not None:
+        out.append(
+            Problem(
+                "gpus.count",
+                "gpus.ids and gpus.count both given: use those ids, or the N least used, not both",
+                None,
+                "remove one: ~gpus.count or ~gpus.ids",
+            )
+        )
+    ids = ids or []
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         out.append(
@@ -122,6 +137,8 @@ def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
                 f"gpus.ids=[{','.join(map(str, dict.fromkeys(ids)))}]",
             )
         )
+    if declared:
+        out += _fleet_rules(len(declared), ids, count)
     allowed = _selected_ids(gpus)
     for key in sorted(gpus.get("max_memory_gib") or {}, key=str):
         if allowed is not None and int(key) not in allowed:
@@ -136,22 +153,40 @@ def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
     return out
 
 
+def _fleet_rules(size: int, ids: list[int], count: int | None) -> list[Problem]:
+    """A declared fleet of `size` GPUs has physical ids 0..size-1: selections must fit in it."""
+    out: list[Problem] = []
+    fleet = f"declared: {', '.join(map(str, range(size)))}"
+    for gpu_id in sorted({i for i in ids if i >= size}):
+        out.append(
+            Problem(
+                "gpus.ids",
+                f"GPU {gpu_id} is not in the declared fleet",
+                fleet,
+                f"gpus.declared lists {size} GPU(s), numbered from 0",
+            )
+        )
+    if count is not None and count > size:
+        message = f"{count} GPUs requested, the declared fleet has {size}"
+        out.append(Problem("gpus.count", message, f"at most {size}", None))
+    return out
+
+
 def _selected_ids(gpus: Mapping[str, Any]) -> set[int] | None:
-    """Physical ids the config names, or None where only the hardware knows (auto, least_used)."""
-    mode = gpus["mode"]
-    if mode == "ids":
+    """Physical ids the config may use, or None where only the hardware knows (probed GPUs)."""
+    mode = use_mode(gpus.get("mode", "auto"), gpus.get("ids"), gpus.get("count"))
+    if mode is GpuMode.IDS:
         return set(gpus.get("ids") or [])
-    if mode == "declared":
-        return set(range(len(gpus.get("declared") or [])))
-    if mode == "cpu":
+    if mode is GpuMode.CPU:
         return set()
-    return None
+    declared = gpus.get("declared")
+    return set(range(len(declared))) if declared else None
 
 
 def _precision_rules(precision: Mapping[str, Any], gpus: Mapping[str, Any]) -> list[Problem]:
     out: list[Problem] = []
     quant = precision.get("quantization", "none")
-    if quant != "none" and gpus["mode"] == "cpu":
+    if quant != "none" and gpus.get("mode") == "cpu":
         out.append(
             Problem(
                 "precision.quantization",
@@ -160,10 +195,11 @@ def _precision_rules(precision: Mapping[str, Any], gpus: Mapping[str, Any]) -> l
                 "choose precision=bf16 or fp32 on CPU",
             )
         )
-    if precision["dtype"] == "bf16" and gpus["mode"] == "declared":
-        for i, gpu in enumerate(gpus.get("declared") or []):
+    selected = _selected_ids(gpus)
+    if precision["dtype"] == "bf16" and gpus.get("declared") and selected:
+        for i, gpu in enumerate(gpus["declared"]):
             cc = tuple(gpu.get("compute_capability", (8, 0)))
-            if cc < (8, 0):
+            if i in selected and cc < (8, 0):
                 out.append(
                     Problem(
                         "precision.dtype",
@@ -240,7 +276,7 @@ def _map_rules(entries: list[Any], offload: str, gpus: Mapping[str, Any]) -> lis
                     "allow it: placement.offload=disk",
                 )
             )
-        if device == "cpu" and offload == "none" and gpus["mode"] != "cpu":
+        if device == "cpu" and offload == "none" and gpus.get("mode") != "cpu":
             out.append(
                 Problem(
                     where,

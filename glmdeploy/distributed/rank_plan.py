@@ -36,7 +36,7 @@ from glmdeploy.distributed.shards import (
 )
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.model.hf_config import hf_config_for
-from glmdeploy.planning.budget import TOLERANCE, fingerprint
+from glmdeploy.planning.budget import TOLERANCE, fingerprint, percent, size
 from glmdeploy.planning.budget import _row as _budget_row
 from glmdeploy.planning.memory import MemoryModel, memory_model
 from glmdeploy.planning.types import (
@@ -46,6 +46,7 @@ from glmdeploy.planning.types import (
     Plan,
     PlanDoesNotFit,
     RankShare,
+    Verdict,
     device_label,
 )
 from glmdeploy.problems import ConfigError, Problem
@@ -102,14 +103,12 @@ def plan_ranks(
     layout = ParallelLayout(
         p.tp_size, p.pp_size, nnodes, "nccl" if gpus else "gloo", shares, split, replicated
     )
-    utils = [r.utilisation for r in rows]
     plan = Plan(
         strategy=f"tp {p.tp_size} × pp {p.pp_size}",
         device_map={},
         rows=rows,
         hops=(),
-        fits=all(u <= 1 + TOLERANCE for u in utils),
-        max_utilisation=max(utils),
+        verdict=rank_verdict(rows),
         notes=tuple(_notes(deployment, anatomy, table, layout, gpus, local)),
         fingerprint=fingerprint(anatomy, memory, deployment.runtime, used, capacities),
         parallel=layout,
@@ -117,6 +116,24 @@ def plan_ranks(
     if not plan.fits:
         raise PlanDoesNotFit(_shortfalls(plan), plan)
     return plan
+
+
+def rank_verdict(rows: Sequence[BudgetRow]) -> Verdict:
+    """The plan's one verdict over its rank rows: the binding rank and its utilisation."""
+    binding = max(rows, key=lambda r: r.utilisation)
+    where = f"rank {binding.rank}, {device_label(binding.device)}"
+    if binding.utilisation <= 1 + TOLERANCE:
+        sentence = (
+            f"fits: {len(rows)} ranks, peak {percent(binding.utilisation)} of a rank's budget "
+            f"({where})"
+        )
+        return Verdict(True, binding.device, binding.utilisation, sentence)
+    over = ", ".join(str(r.rank) for r in rows if r.utilisation > 1 + TOLERANCE)
+    sentence = (
+        f"does not fit: rank {over} over budget, peak {percent(binding.utilisation)} ({where} "
+        f"would need {size(binding.total_bytes)} of its {size(binding.capacity_bytes)})"
+    )
+    return Verdict(False, binding.device, binding.utilisation, sentence)
 
 
 def table_for(deployment: Deployment, anatomy: Anatomy) -> ShardTable:
@@ -136,8 +153,8 @@ def check_plannable(deployment: Deployment, table: ShardTable, gpus: int) -> Non
         ("tp_size", p.tp_size, table.has_tp_plan, "tensor", "base_model_tp_plan"),
         ("pp_size", p.pp_size, table.has_pp_plan, "pipeline", "base_model_pp_plan"),
     ]
-    for key, size, present, what, attr in missing:
-        if size > 1 and not present:
+    for key, n_ranks, present, what, attr in missing:
+        if n_ranks > 1 and not present:
             hint = "parallel=none (a device map), or engine=vllm"
             if table.model_type == "chatglm":
                 hint = "convert it to native GLM first: model.source.layout=chatglm"
