@@ -373,11 +373,19 @@ def _parallel_rules(doc: Mapping[str, Any]) -> list[Problem]:
             arch["intermediate_size"], arch["num_hidden_layers"],
             arch.get("moe_intermediate_size") if arch.get("n_routed_experts") else None,
         )  # fmt: skip
-    counts = {"ids": len(gpus.get("ids") or []), "declared": len(gpus.get("declared") or []),
-              "least_used": gpus.get("count"), "cpu": 0}  # fmt: skip
     nnodes = (doc.get("launch") or {}).get("nnodes", 1)
     out = rules.transformers_parallel_problems(request, facts, rules.installed_transformers())
-    return out + rules.gpu_count_problems(request.world_size, nnodes, counts.get(gpus["mode"]))
+    return out + rules.gpu_count_problems(request.world_size, nnodes, _gpu_count(gpus))
+
+
+def _gpu_count(gpus: Mapping[str, Any]) -> int | None:
+    """How many GPUs the config selects, or None where only the hardware knows."""
+    mode = use_mode(gpus.get("mode", "auto"), gpus.get("ids"), gpus.get("count"))
+    if mode is GpuMode.LEAST_USED:
+        count = gpus.get("count")
+        return int(count) if isinstance(count, int) else None
+    selected = _selected_ids(gpus)
+    return len(selected) if selected is not None else None
 
 
 _VLLM_KEYS = ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "block_size",

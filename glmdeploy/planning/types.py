@@ -17,7 +17,7 @@ from glmdeploy.config.settings import GIB
 from glmdeploy.problems import DoesNotFitError, Problem
 
 DeviceKey = int | str  # a physical GPU id, "cpu" or "disk"
-PLAN_FORMAT = "glmdeploy.planning.types/1"
+PLAN_FORMAT = "glmdeploy.plan/1"
 
 
 @dataclass(frozen=True)
