@@ -26,8 +26,7 @@ from glmdeploy.hardware.gpu_select import GpuAssignment, select_gpus
 from glmdeploy.hardware.nvml import HardwareSnapshot, declared_snapshot, probe
 from glmdeploy.hardware.precision import resolve_dtype, selected_gpus
 from glmdeploy.model.anatomy import Anatomy
-from glmdeploy.model.hf_config import hf_config_for
-from glmdeploy.model.skeleton import build_anatomy
+from glmdeploy.model.anatomy_cache import anatomy_for
 from glmdeploy.planning.strategies import current_fingerprint, plan_placement
 from glmdeploy.planning.types import DeviceSpec, Plan, PlanDoesNotFit
 from glmdeploy.problems import ConfigError, Problem
@@ -129,7 +128,7 @@ def plan_deployment(
         for d in assignment.devices
     ]
     devices = (*gpu_specs, *offload_devices(deployment, has_gpus=bool(gpu_specs)))
-    anatomy = build_anatomy(hf_config_for(deployment.model))
+    anatomy = anatomy_for(deployment.model)  # cached: no torch unless it must be built
     if deployment.placement.strategy is Strategy.PLAN_FILE:
         plan = restore_plan(deployment, anatomy, devices)
     else:
