@@ -119,7 +119,7 @@ def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
                 f"gpus.ids=[{','.join(map(str, dict.fromkeys(ids)))}]",
             )
         )
-    allowed = _selected_ids(gpus)
+    allowed = selected_ids(gpus)
     for key in sorted(gpus.get("max_memory_gib") or {}, key=str):
         if allowed is not None and int(key) not in allowed:
             out.append(
@@ -133,7 +133,7 @@ def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
     return out
 
 
-def _selected_ids(gpus: Mapping[str, Any]) -> set[int] | None:
+def selected_ids(gpus: Mapping[str, Any]) -> set[int] | None:
     """Physical ids the config names, or None where only the hardware knows (auto, least_used)."""
     mode = gpus["mode"]
     if mode == "ids":
@@ -212,7 +212,7 @@ def _placement_rules(placement: Mapping[str, Any], gpus: Mapping[str, Any]) -> l
 
 def _map_rules(entries: list[Any], offload: str, gpus: Mapping[str, Any]) -> list[Problem]:
     out: list[Problem] = []
-    allowed = _selected_ids(gpus)
+    allowed = selected_ids(gpus)
     spans: list[tuple[str, int, int, int]] = []  # (prefix, start, end, entry) of layer ranges
     names: dict[str, int] = {}  # plain module name -> entry
     for i, entry in enumerate(entries):

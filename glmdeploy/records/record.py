@@ -164,8 +164,9 @@ class RecordWriter:
         self._write()
         return self
 
-    def save_plan(self, plan: Plan) -> None:
-        """Write `plan.json` and `plan.png`, and put the plan in `run.json`."""
+    def save_plan(self, plan: Plan, *, write_record: bool = True) -> None:
+        """Write `plan.json` and `plan.png`, and put the plan in `run.json` (rewritten unless
+        `write_record` is false: `finish` writes it once, with everything else)."""
         record = self.record
         text = json.dumps(plan.to_dict(), indent=2) + "\n"
         record.plan = json.loads(text)  # JSON-shaped in memory too: lists, not tuples
@@ -176,7 +177,8 @@ class RecordWriter:
             save_plan_picture(plan, self.run_dir / PLAN_PNG)
         except Exception as exc:  # a picture must never fail the run it illustrates
             record.warnings.append(f"plan picture not drawn: {type(exc).__name__}: {exc}")
-        self._write()
+        if write_record:
+            self._write()
 
     def finish(
         self,
@@ -190,7 +192,7 @@ class RecordWriter:
         """Rewrite `run.json` with the final status, results, error, plan and timings."""
         record = self.record
         if plan is not None:
-            self.save_plan(plan)
+            self.save_plan(plan, write_record=False)
         record.results.update(results or {})
         record.timings.update(timings or {})
         if error is None and status == "interrupted":
