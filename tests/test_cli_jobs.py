@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,13 @@ def test_hydra_flags_still_reach_hydra(cli: Any, flags: list[str]) -> None:
     result = cli("plan", *flags, "gpus=2x24gib")
     assert result.code == 0, result.err
     assert "2x24gib" in result.out or "gpus" in result.out
+
+
+def test_hydra_job_settings_apply_to_the_job_only(cli: Any, tmp_path: Path) -> None:
+    before_cwd, before_env = Path.cwd(), dict(os.environ)
+    run = tmp_path / "run"
+    result = cli("plan", "gpus=2x24gib", "hydra.job.chdir=true",
+                 "+hydra.job.env_set.GLMDEPLOY_TEST_SET=1", f"hydra.run.dir={run}")  # fmt: skip
+    assert result.code == 0, result.err
+    assert {p.name for p in run.iterdir()} == {"run.json", "plan.json", "plan.png", "resolved.yaml"}
+    assert Path.cwd() == before_cwd and dict(os.environ) == before_env

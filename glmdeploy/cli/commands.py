@@ -104,18 +104,18 @@ def cmd_job(args: Args) -> int:
         from glmdeploy.cli.hydra_runner import run_hydra
 
         return run_hydra(args, source, _hydra_job)
-    import os
     from pathlib import Path
 
-    from glmdeploy.cli.jobs import JobContext, run_job
+    from glmdeploy.cli.jobs import JobContext, hydra_job_settings, run_job
 
-    os.environ.update(job.run.env_set)  # as Hydra's runner does (hydra.job.env_set)
+    run_dir = Path(job.run.run_dir).absolute()  # as Hydra's runtime.output_dir
     ctx = JobContext(
-        command=args.command, config=job.config, deployment=job.deployment,
-        run_dir=Path(job.run.run_dir).absolute(), overrides=list(job.run.task_overrides),
-        choices=dict(job.choices), json=args.json, save=args.save,
+        command=args.command, config=job.config, deployment=job.deployment, run_dir=run_dir,
+        overrides=list(job.run.task_overrides), choices=dict(job.choices), json=args.json,
+        save=args.save,
     )  # fmt: skip
-    return run_job(ctx)
+    with hydra_job_settings(job.run, run_dir):
+        return run_job(ctx)
 
 
 def _hydra_job(cfg: dict[str, Any], args: Args) -> int:

@@ -65,12 +65,13 @@ def run_sweep(args: Args, source: ConfigSource) -> int:
                 _load_anatomies(jobs)
                 where = f"{workers} processes" if pool is not None else "in this process"
             _announce(args.command, jobs, lock.root, where)
+            runs = lock.root.absolute()  # job run directories, as Hydra's runtime.output_dir
             outcomes: Iterable[_Outcome]
             if not in_process:
-                outcomes = (_child(args.command, j, lock.root / str(i), source, args.json)
+                outcomes = (_child(args.command, j, runs / str(i), source, args.json)
                             for i, j in enumerate(jobs))  # fmt: skip
             else:
-                items = [(args.command, j, lock.root / str(i), args.json, args.debug)
+                items = [(args.command, j, runs / str(i), args.json, args.debug)
                          for i, j in enumerate(jobs)]  # fmt: skip
                 outcomes = pool.imap(_in_process, items) if pool else map(_in_process, items)
             return _collect(jobs, lock.root, outcomes, pool)
@@ -162,7 +163,7 @@ def _load_anatomies(jobs: Sequence[Job]) -> None:
 
 def _in_process(item: tuple[str, Job, Path, bool, bool]) -> _Outcome:
     """Run one job here, its output captured as a child's would be."""
-    from glmdeploy.cli.jobs import JobContext, run_job
+    from glmdeploy.cli.jobs import JobContext, hydra_job_settings, run_job
     from glmdeploy.cli.output import guarded
 
     command, job, run_dir, json_out, debug = item
@@ -171,7 +172,7 @@ def _in_process(item: tuple[str, Job, Path, bool, bool]) -> _Outcome:
         overrides=list(job.run.task_overrides), choices=dict(job.choices), json=json_out,
     )  # fmt: skip
     out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
+    with redirect_stdout(out), redirect_stderr(err), hydra_job_settings(job.run, run_dir):
         code = guarded(lambda: run_job(ctx), as_json=json_out, debug=debug)
     return code, out.getvalue(), err.getvalue()
 

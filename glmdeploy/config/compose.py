@@ -94,12 +94,14 @@ class RunFacts:
         sweep_dir: `hydra.sweep.dir` (default `multirun/DATE/TIME`), likewise.
         task_overrides: the overrides that are not Hydra's own (`hydra.…`), as records keep them.
         env_set: `hydra.job.env_set`, environment variables a job sets before it runs.
+        chdir: `hydra.job.chdir`, whether a job runs in its run directory.
     """
 
     run_dir: str | None = None
     sweep_dir: str | None = None
     task_overrides: tuple[str, ...] = ()
     env_set: dict[str, str] = field(default_factory=dict)
+    chdir: bool = False
 
 
 @dataclass
@@ -189,6 +191,7 @@ def _compose(
         sweep_dir=_resolved(cfg, "hydra.sweep.dir"),
         task_overrides=tuple(map(str, _unresolved_list(hc.overrides.task))),
         env_set={str(k): str(v) for k, v in (hc.job.env_set or {}).items()},
+        chdir=bool(hc.job.chdir),
     )
     with open_dict(cfg):
         del cfg["hydra"]
