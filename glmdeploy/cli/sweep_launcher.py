@@ -135,6 +135,7 @@ def _pool(workers: int) -> Iterator[Any]:
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
         yield None
         return
+    _preload()
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_sigint)
     try:
         yield pool
@@ -145,6 +146,25 @@ def _pool(workers: int) -> Iterator[Any]:
         pool.close()
     finally:
         pool.join()
+
+
+def _preload() -> None:
+    """Import here, once, what every worker would import for itself: forked, they share it."""
+    import importlib
+
+    from hydra.core.plugins import Plugins
+
+    for module in _WORKER_MODULES:
+        importlib.import_module(module)
+    Plugins.instance()  # Hydra's plugin discovery, done at the first composition
+
+
+_WORKER_MODULES = (
+    "jsonschema", "rich.console", "rich.table", "PIL.Image", "PIL.ImageDraw", "PIL.ImageFont",
+    "PIL.PngImagePlugin", "glmdeploy.cli.jobs", "glmdeploy.cli.render", "glmdeploy.config.validate",
+    "glmdeploy.planning.deployment_plan", "glmdeploy.planning.strategies",
+    "glmdeploy.planning.fit_advice", "glmdeploy.records.pictures", "glmdeploy.records.record",
+)  # fmt: skip
 
 
 def _ignore_sigint() -> None:
