@@ -7,6 +7,7 @@ ones. New files get the permissions the umask gives (the temporary file is creat
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,8 @@ def replacing(path: Path | str) -> Iterator[Path]:
     On an exception the temporary file is removed and `path` is left as it was.
     """
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    # pid and thread: concurrent writers of one target (processes or threads) never share a file.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         yield tmp
         os.replace(tmp, target)

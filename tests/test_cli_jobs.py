@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_legacy_checkpoint_on_the_fly_equals_converted(
     assert ids[0] == ids[1] and len(ids[0][0]) == 8
 
 
-def test_sweep_runs_each_job_in_its_own_process(tmp_path: Path) -> None:
+def test_a_plan_sweep_from_the_command_line_records_every_job(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     out = subprocess.run(
         [
@@ -145,3 +146,39 @@ def test_sweep_runs_each_job_in_its_own_process(tmp_path: Path) -> None:
 def test_job_commands_take_help(cli: Any, command: str) -> None:
     result = cli(command, "--help")
     assert result.code == 0 and f"usage: glmdeploy {command}" in result.out
+
+
+def test_a_job_records_into_outputs_date_time_by_default(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = cli("plan", "gpus=2x24gib", "runtime.batch_size=2")
+    assert result.code == 0, result.err
+    (run_json,) = tmp_path.glob("outputs/*-*-*/*-*-*/run.json")
+    assert f"record: {run_json}" in result.out
+    record = json.loads(run_json.read_text())
+    assert record["overrides"] == ["gpus=2x24gib", "runtime.batch_size=2"]
+    assert record["choices"]["gpus"] == "2x24gib" and record["choices"]["model"] == "tiny-glm"
+    assert {p.name for p in run_json.parent.iterdir()} == {
+        "run.json",
+        "plan.json",
+        "plan.png",
+        "resolved.yaml",
+    }
+
+
+@pytest.mark.parametrize("flags", [["--cfg", "job"], ["--info"]])
+def test_hydra_flags_still_reach_hydra(cli: Any, flags: list[str]) -> None:
+    result = cli("plan", *flags, "gpus=2x24gib")
+    assert result.code == 0, result.err
+    assert "2x24gib" in result.out or "gpus" in result.out
+
+
+def test_hydra_job_settings_apply_to_the_job_only(cli: Any, tmp_path: Path) -> None:
+    before_cwd, before_env = Path.cwd(), dict(os.environ)
+    run = tmp_path / "run"
+    result = cli("plan", "gpus=2x24gib", "hydra.job.chdir=true",
+                 "+hydra.job.env_set.GLMDEPLOY_TEST_SET=1", f"hydra.run.dir={run}")  # fmt: skip
+    assert result.code == 0, result.err
+    assert {p.name for p in run.iterdir()} == {"run.json", "plan.json", "plan.png", "resolved.yaml"}
+    assert Path.cwd() == before_cwd and dict(os.environ) == before_env

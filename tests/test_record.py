@@ -230,7 +230,8 @@ def test_environment_facts_name_versions_gpus_and_variables() -> None:
         }
     ]
     assert env["env"]["CUDA_VISIBLE_DEVICES"] == "0" and env["env"]["HF_HUB_OFFLINE"] is None
-    assert not sys.modules["torch"].cuda.is_initialized()  # torch.version.cuda only
+    torch = sys.modules.get("torch")  # planning from cached anatomies imports none
+    assert torch is None or not torch.cuda.is_initialized()  # torch.version.cuda only
 
 
 def test_checkpoint_facts_fingerprint_local_dirs_and_name_embedded_models(
@@ -252,10 +253,25 @@ def test_plan_picture_is_a_png(
     tmp_path: Path, planned: tuple[dict[str, Any], PlannedDeployment]
 ) -> None:
     save_plan_picture(planned[1].plan, tmp_path / "p.png")
-    save_plan_picture(planned[1].plan, tmp_path / "p.svg")
+    save_plan_picture(planned[1].plan, tmp_path / "p.pdf")
     assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
-    assert b"<svg" in (tmp_path / "p.svg").read_bytes()[:2000]
+    assert (tmp_path / "p.pdf").read_bytes().startswith(b"%PDF")
+    with pytest.raises(ValueError, match=r"use \.png"):
+        save_plan_picture(planned[1].plan, tmp_path / "p.svg")
     assert leftovers(tmp_path) == []
+
+
+def test_plan_picture_needs_no_matplotlib(tmp_path: Path) -> None:
+    """Drawn with Pillow: matplotlib's import alone would cost more than a cached plan."""
+    code = (
+        "import sys; from glmdeploy.api import plan; "
+        "from glmdeploy.records.pictures import save_plan_picture; "
+        f"save_plan_picture(plan(['gpus=2x24gib']).plan, {str(tmp_path / 'p.png')!r}); "
+        "print([m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_record_replay_report_import_neither_torch_nor_matplotlib() -> None:

@@ -34,6 +34,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     names = zipfile.ZipFile(wheel).namelist()
     assert "glmdeploy/conf/config.yaml" in names and "glmdeploy/conf/gpus/2x24gib.yaml" in names
     assert "glmdeploy/schemas/deployment.schema.json" in names
+    assert any(n.startswith("glmdeploy/model/anatomies/") and n.endswith(".json") for n in names)
     env = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
     python = env / "bin" / "python"

@@ -133,6 +133,8 @@ def parse(argv: Sequence[str], commands: Mapping[str, Command]) -> Args:
             if i + 1 < len(rest) and not rest[i + 1].startswith("-") and "=" not in rest[i + 1]:
                 args.hydra_flags.append(rest[i + 1])
                 i += 1
+            elif not inline:  # Hydra's optional value would swallow the first override
+                args.hydra_flags.append("all")
         elif flag in _HYDRA_VALUE_FLAGS:
             args.hydra_flags += [flag, inline]
         elif flag in _HYDRA_BARE_FLAGS:

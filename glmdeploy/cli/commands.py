@@ -11,11 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from glmdeploy.cli.args import Args
 from glmdeploy.cli.output import print_json
-from glmdeploy.problems import ExitCode, GlmDeployError
+from glmdeploy.problems import ConfigError, ExitCode, GlmDeployError, Problem
 
 if TYPE_CHECKING:
+    from glmdeploy.config.deployments import Job
+    from glmdeploy.config.locations import ConfigSource
     from glmdeploy.config.settings import Deployment
     from glmdeploy.hardware.doctor import DoctorReport
+    from glmdeploy.planning.map_precheck import MapPrecheck
 
 
 def cmd_validate(args: Args) -> int:
@@ -27,15 +30,41 @@ def cmd_validate(args: Args) -> int:
 
         return run_hydra(args, source, job=None)
     jobs = load_deployments(args.overrides, source, sweep=args.multirun)
+    maps = _check_maps(jobs, label=args.multirun)
+    for note in dict.fromkeys(n for m in maps if m is not None for n in m.notes):
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
-        print_json(
-            {"ok": True, "jobs": [{"overrides": j.overrides, "config": j.config} for j in jobs]}
-        )
+        print_json({"ok": True, "jobs": [
+            {"overrides": j.overrides, "config": j.config,
+             **({"map_check": m.scope, "notes": list(m.notes)} if m is not None else {})}
+            for j, m in zip(jobs, maps, strict=True)
+        ]})  # fmt: skip
     else:
         for job in jobs:
             label = " ".join(job.overrides) or "(defaults)"
             print(f"ok: {label}: {job.deployment.summary()}")
     return ExitCode.OK
+
+
+def _check_maps(jobs: list[Job], *, label: bool) -> list[MapPrecheck | None]:
+    """Each job's explicit map checked as `plan` checks it, where no torch is needed for that.
+
+    Raises:
+        ConfigError: every problem of every map (prefixed by the job's overrides in a sweep).
+    """
+    if not any(j.deployment.placement.strategy == "explicit" for j in jobs):
+        return [None] * len(jobs)
+    from glmdeploy.planning.map_precheck import precheck_map
+
+    checks = [precheck_map(j.deployment, j.config["gpus"]) for j in jobs]
+    problems = [
+        Problem(f"[{' '.join(j.overrides)}] {p.path}" if label else p.path, p.message,
+                p.expected, p.hint)
+        for j, c in zip(jobs, checks, strict=True) if c is not None for p in c.problems
+    ]  # fmt: skip
+    if problems:
+        raise ConfigError(problems)
+    return checks
 
 
 def cmd_show(args: Args) -> int:
@@ -55,8 +84,13 @@ def cmd_show(args: Args) -> int:
 
 
 def cmd_job(args: Args) -> int:
-    """plan / load / generate / bench / run: validate everything first, then run and record."""
-    from glmdeploy.config.deployments import load_deployment, load_deployments
+    """plan / load / generate / bench / run / export: validate everything first, then run and
+    record.
+
+    A job composes once and runs here, recording into `hydra.run.dir`; Hydra's own runner is used
+    only for its flags (`--cfg`, `--info`, …). A sweep runs as `glmdeploy.cli.sweep_launcher` says.
+    """
+    from glmdeploy.config.deployments import load_deployment
     from glmdeploy.engines.vllm.jobs import refuse_transformers_commands
 
     source = args.source()
@@ -64,46 +98,57 @@ def cmd_job(args: Args) -> int:
         from glmdeploy.outputs import check_file
 
         check_file(args.save, "the plan file (--save)")
+    if args.overwrite and not args.multirun:
+        problem = Problem("--overwrite", "replaces the records of an earlier sweep",
+                          "-m (a sweep)", "drop --overwrite, or sweep with -m")  # fmt: skip
+        raise ConfigError([problem])
     if args.multirun:
-        from glmdeploy.cli.sweep_launcher import launch_sweep, sweep_dir
-        from glmdeploy.config.sweep import expand_sweep
+        from glmdeploy.cli.sweep_launcher import run_sweep
 
-        jobs = load_deployments(args.overrides, source, sweep=True)  # every job, before any runs
-        refuse_transformers_commands(args.command, (j.deployment for j in jobs))
-        combos = expand_sweep(args.overrides)
-        if args.dry_run:
-            for i, combo in enumerate(combos):
-                print(f"job {i}: {' '.join(combo)}")
-            return ExitCode.OK
-        command = " ".join([args.command, *args.positional])  # `export vllm`
-        return launch_sweep(
-            command, combos, sweep_dir(args.overrides), source=source, json_out=args.json
-        )
+        return run_sweep(args, source)
     job = load_deployment(args.overrides, source)  # config problems in glmdeploy's format first
     refuse_transformers_commands(args.command, [job.deployment])
-    from glmdeploy.cli.hydra_runner import run_hydra
+    return _run_one(args, source, job)
 
-    return run_hydra(args, source, _hydra_job)
+
+def _run_one(args: Args, source: ConfigSource, job: Job) -> int:
+    """Run one composed job in this process, in its run directory (checked before it is made)."""
+    if args.hydra_mode or job.run.run_dir is None:
+        from glmdeploy.cli.hydra_runner import run_hydra
+
+        return run_hydra(args, source, _hydra_job)
+    from pathlib import Path
+
+    from glmdeploy.cli.jobs import JobContext, hydra_job_settings, run_job
+    from glmdeploy.outputs import check_directory
+
+    run_dir = Path(job.run.run_dir).absolute()  # as Hydra's runtime.output_dir
+    check_directory(run_dir, "the run directory (hydra.run.dir)",
+                    hint="set hydra.run.dir=DIR to a directory you can write")  # fmt: skip
+    ctx = JobContext(
+        command=args.command, config=job.config, deployment=job.deployment, run_dir=run_dir,
+        overrides=list(job.run.task_overrides), choices=dict(job.choices), json=args.json,
+        save=args.save, out=args.out,
+    )  # fmt: skip
+    with hydra_job_settings(job.run, run_dir):
+        return run_job(ctx)
 
 
 def cmd_serve(args: Args) -> int:
     """serve: one deployment behind an OpenAI-compatible API; engine=vllm hands over to vLLM."""
     from glmdeploy.config.deployments import load_deployment
     from glmdeploy.config.settings import EngineName
-    from glmdeploy.problems import ConfigError, Problem
 
     if args.multirun:
         hint = "drop -m: start one `glmdeploy serve` per deployment, each on its own serve.port"
         raise ConfigError([Problem("-m", "serve runs one deployment, not a sweep", hint=hint)])
     source = args.source()
-    deployment = load_deployment(args.overrides, source).deployment
-    if deployment.engine.name is EngineName.VLLM and not args.hydra_mode:
+    job = load_deployment(args.overrides, source)
+    if job.deployment.engine.name is EngineName.VLLM and not args.hydra_mode:
         from glmdeploy.serving.handover import hand_over_to_vllm
 
-        return hand_over_to_vllm(deployment, json_out=args.json)
-    from glmdeploy.cli.hydra_runner import run_hydra
-
-    return run_hydra(args, source, _hydra_job)
+        return hand_over_to_vllm(job.deployment, json_out=args.json)
+    return _run_one(args, source, job)
 
 
 def _hydra_job(cfg: dict[str, Any], args: Args) -> int:

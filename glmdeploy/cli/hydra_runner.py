@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from glmdeploy.cli.args import Args
@@ -87,7 +89,7 @@ def run_hydra(args: Args, source: ConfigSource, job: JobFn | None) -> int:
     if args.debug:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # the whole traceback, not Hydra's abridged one
     try:
-        with search_path(source):
+        with search_path(source), _logging_kept():
             app()
     except SystemExit as exc:  # Hydra reports its own failures with sys.exit(1)
         if _REFUSED:
@@ -103,3 +105,25 @@ def run_hydra(args: Args, source: ConfigSource, job: JobFn | None) -> int:
 
         GlobalHydra.instance().clear()  # let later compose() calls in this process initialise
     return max(codes, default=ExitCode.OK)
+
+
+@contextmanager
+def _logging_kept() -> Iterator[None]:
+    """Undo the logging configuration Hydra's runner installs (its handlers hold the streams of the
+    moment, which a later command in the same process may find closed)."""
+    manager = logging.Logger.manager
+    loggers = [logging.getLogger(), *(g for g in manager.loggerDict.values()
+                                      if isinstance(g, logging.Logger))]  # fmt: skip
+    saved = {id(g): (g.level, list(g.handlers), g.propagate, g.disabled) for g in loggers}
+    try:
+        yield
+    finally:
+        for logger in [logging.getLogger(), *manager.loggerDict.values()]:
+            if not isinstance(logger, logging.Logger):
+                continue
+            level, handlers, propagate, disabled = saved.get(id(logger), (0, [], True, False))
+            for handler in set(logger.handlers) - set(handlers):
+                handler.close()
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+            logger.propagate, logger.disabled = propagate, disabled

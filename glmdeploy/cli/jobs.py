@@ -6,9 +6,11 @@ run record (`glmdeploy.records.record`) in its Hydra run directory, `ok`, `faile
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,6 +20,7 @@ from glmdeploy.distributed.rules import runs_on_torchrun
 from glmdeploy.problems import ExitCode
 
 if TYPE_CHECKING:
+    from glmdeploy.config.compose import RunFacts
     from glmdeploy.loading.loader import LoadedModel
     from glmdeploy.planning.deployment_plan import PlannedDeployment
     from glmdeploy.planning.types import Plan
@@ -196,6 +199,23 @@ JOBS: dict[str, Callable[[JobContext], None]] = {
     "plan": job_plan, "load": job_load, "generate": job_generate, "bench": job_bench,
     "run": job_run, "export": job_export, "serve": job_serve,
 }  # fmt: skip
+
+
+@contextmanager
+def hydra_job_settings(run: RunFacts, run_dir: Path) -> Iterator[None]:
+    """What Hydra's runner does around a job, undone afterwards: `hydra.job.env_set` and
+    `hydra.job.chdir` (into the run directory)."""
+    saved_env, saved_cwd = dict(os.environ), Path.cwd()
+    os.environ.update(run.env_set)
+    if run.chdir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.chdir(run_dir)
+    try:
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 def run_job(ctx: JobContext) -> int:

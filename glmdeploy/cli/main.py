@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from glmdeploy import __version__
 from glmdeploy.cli import commands
 from glmdeploy.cli.args import Command, HelpRequested, UsageError, parse
-from glmdeploy.cli.output import report_error, report_internal_error
-from glmdeploy.problems import ExitCode, GlmDeployError
+from glmdeploy.cli.output import guarded
+from glmdeploy.problems import ExitCode
 
 
 def _usage(command: str | None = None) -> str:
@@ -62,20 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
         return ExitCode.CONFIG
     try:
-        return COMMANDS[args.command].run(args)
-    except GlmDeployError as exc:
-        if args.debug:
-            raise
-        report_error(exc, as_json=args.json)
-        return exc.exit_code
+        return guarded(lambda: COMMANDS[args.command].run(args), as_json=args.json,
+                       debug=args.debug)  # fmt: skip
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
-    except Exception as exc:  # a bug in glmdeploy: say so plainly, traceback only with --debug
-        if args.debug:
-            raise
-        report_internal_error(exc)
-        return ExitCode.FAILURE
 
 
 COMMANDS: dict[str, Command] = {
@@ -86,27 +77,27 @@ COMMANDS: dict[str, Command] = {
     "plan": Command(
         "plan the placement and per-device memory budget (no weights, no GPU needed)",
         commands.cmd_job,
-        options=("--save", "--dry-run"),
+        options=("--save", "--dry-run", "--overwrite"),
     ),
     "load": Command(
         "plan, load the model exactly as planned and verify every tensor",
         commands.cmd_job,
-        options=("--dry-run",),
+        options=("--dry-run", "--overwrite"),
     ),
     "generate": Command(
         "plan, load, verify, then generate from runtime.prompt",
         commands.cmd_job,
-        options=("--dry-run",),
+        options=("--dry-run", "--overwrite"),
     ),
     "bench": Command(
         "plan, load, verify, then time generation: TTFT, tokens/s, peak memory",
         commands.cmd_job,
-        options=("--dry-run",),
+        options=("--dry-run", "--overwrite"),
     ),
     "run": Command(
         "the main job: plan, load, verify and generate a few tokens",
         commands.cmd_job,
-        options=("--dry-run",),
+        options=("--dry-run", "--overwrite"),
     ),
     "export": Command(
         "write vLLM's config, environment and per-node commands after a fit check with vLLM's "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from glmdeploy.problems import GlmDeployError, render_problems
+from glmdeploy.problems import ExitCode, GlmDeployError, render_problems
 
 
 def print_json(payload: Any) -> None:
@@ -33,3 +34,20 @@ def report_internal_error(exc: BaseException) -> None:
         "traceback and report it with the output of `glmdeploy doctor`",
         file=sys.stderr,
     )
+
+
+def guarded(call: Callable[[], int], *, as_json: bool, debug: bool) -> int:
+    """`call()`'s exit code; a GlmDeployError reported as problems and an unexpected exception as
+    an internal error (both re-raised with `debug`). KeyboardInterrupt passes through."""
+    try:
+        return call()
+    except GlmDeployError as exc:
+        if debug:
+            raise
+        report_error(exc, as_json=as_json)
+        return exc.exit_code
+    except Exception as exc:  # a bug in glmdeploy: say so plainly, traceback only with --debug
+        if debug:
+            raise
+        report_internal_error(exc)
+        return ExitCode.FAILURE

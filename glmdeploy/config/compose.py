@@ -84,6 +84,26 @@ def compose_dict(overrides: Sequence[str], source: ConfigSource | None = None) -
     return composed.config
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What Hydra's own config says about running a composed job (the `hydra` node, resolved).
+
+    Attributes:
+        run_dir: `hydra.run.dir` (default `outputs/DATE/TIME`), where a single job records; None
+            when it cannot be resolved outside Hydra's own runner (it names run-time values).
+        sweep_dir: `hydra.sweep.dir` (default `multirun/DATE/TIME`), likewise.
+        task_overrides: the overrides that are not Hydra's own (`hydra.…`), as records keep them.
+        env_set: `hydra.job.env_set`, environment variables a job sets before it runs.
+        chdir: `hydra.job.chdir`, whether a job runs in its run directory.
+    """
+
+    run_dir: str | None = None
+    sweep_dir: str | None = None
+    task_overrides: tuple[str, ...] = ()
+    env_set: dict[str, str] = field(default_factory=dict)
+    chdir: bool = False
+
+
 @dataclass
 class Composition:
     """What `compose_tolerant` made of the overrides.
@@ -92,11 +112,13 @@ class Composition:
         config: the config composed from the acceptable overrides (None if even that failed).
         problems: the problems of the rejected overrides (or of a broken config file).
         choices: group -> the option chosen (`gpus` -> `2x24gib`), as Hydra reports them.
+        run: where and how a job of this config runs (Hydra's run and sweep directories).
     """
 
     config: dict[str, Any] | None
     problems: list[Problem] = field(default_factory=list)
     choices: dict[str, str] = field(default_factory=dict)
+    run: RunFacts = field(default_factory=RunFacts)
 
 
 def compose_tolerant(overrides: Sequence[str], source: ConfigSource | None = None) -> Composition:
@@ -110,11 +132,12 @@ def compose_tolerant(overrides: Sequence[str], source: ConfigSource | None = Non
 
     source = source or ConfigSource()
     remaining = list(overrides)
-    problems: list[Problem] = []
+    problems = [p for p in map(_listed_options, remaining) if p is not None]
+    remaining = [o for o in remaining if _listed_options(o) is None]
     while True:
         try:
-            config, choices = _compose(remaining, source)
-            return Composition(config, problems, choices)
+            config, choices, run = _compose(remaining, source)
+            return Composition(config, problems, choices, run)
         except yaml.MarkedYAMLError as exc:
             return Composition(None, [*problems, _yaml_problem(exc, source)])
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
@@ -123,6 +146,17 @@ def compose_tolerant(overrides: Sequence[str], source: ConfigSource | None = Non
             if culprit is None:
                 return Composition(None, problems)
             remaining.remove(culprit)
+
+
+def _listed_options(override: str) -> Problem | None:
+    """`gpus=[0,1]`: a list or dict for a group, which takes one option (Hydra fails with a
+    TypeError there)."""
+    key, _, value = override.partition("=")
+    group = key.lstrip("+~")
+    if group not in GROUPS or not value.strip().startswith(("[", "{")):
+        return None
+    hint = f"{group}=OPTION; to try several, sweep them: glmdeploy plan -m {group}=a,b"
+    return Problem(group, f"a list or dict for the group '{group}'", "one option name", hint)
 
 
 def _yaml_problem(exc: Any, source: ConfigSource) -> Problem:
@@ -140,20 +174,50 @@ def _yaml_problem(exc: Any, source: ConfigSource) -> Problem:
     )
 
 
-def _compose(overrides: list[str], source: ConfigSource) -> tuple[dict[str, Any], dict[str, str]]:
-    """The resolved config as a plain dict, and the option chosen in each group."""
+def _compose(
+    overrides: list[str], source: ConfigSource
+) -> tuple[dict[str, Any], dict[str, str], RunFacts]:
+    """The resolved config as a plain dict, the option chosen in each group, and the run facts."""
     from hydra import compose
     from omegaconf import OmegaConf, open_dict
 
     with _hydra_context(source):
         cfg = compose(config_name=source.config_name, overrides=overrides, return_hydra_config=True)
-    choices = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items()
+    hc = cfg.hydra
+    choices = {str(k): str(v) for k, v in hc.runtime.choices.items()
                if not str(k).startswith("hydra")}  # fmt: skip
+    run = RunFacts(
+        run_dir=_resolved(cfg, "hydra.run.dir"),
+        sweep_dir=_resolved(cfg, "hydra.sweep.dir"),
+        task_overrides=tuple(map(str, _unresolved_list(hc.overrides.task))),
+        env_set={str(k): str(v) for k, v in (hc.job.env_set or {}).items()},
+        chdir=bool(hc.job.chdir),
+    )
     with open_dict(cfg):
         del cfg["hydra"]
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert isinstance(container, dict)
-    return {str(k): v for k, v in container.items()}, choices
+    return {str(k): v for k, v in container.items()}, choices, run
+
+
+def _unresolved_list(node: Any) -> list[Any]:
+    """A ListConfig's items as given (an override `key=${x}` is text here, not interpolated)."""
+    from omegaconf import OmegaConf
+
+    items = OmegaConf.to_container(node, resolve=False)
+    return items if isinstance(items, list) else []
+
+
+def _resolved(cfg: Any, key: str) -> str | None:
+    """`key` resolved, or None when it names a value only Hydra's runner sets."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except OmegaConfBaseException:
+        return None
+    return None if value is None else str(value)
 
 
 def _culprit(exc: BaseException, overrides: list[str]) -> str | None:

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from glmdeploy.config.compose import compose_dict, compose_tolerant
+from glmdeploy.config.compose import RunFacts, compose_dict, compose_tolerant
 from glmdeploy.config.locations import ConfigSource
-from glmdeploy.config.settings import Deployment
-from glmdeploy.config.validate import check, validate_dict
+from glmdeploy.config.settings import Deployment, deployment_from_dict
+from glmdeploy.config.validate import check, normalise
 from glmdeploy.problems import ConfigError, Problem
 
 
 @dataclass(frozen=True)
 class Job:
-    """One composed and validated deployment, with the overrides that produced it."""
+    """One composed and validated deployment, with the overrides that produced it.
+
+    Attributes:
+        overrides: as given (a sweep job's: its combination).
+        config: the resolved config as a plain dict (what `show` prints).
+        deployment: its typed view.
+        choices: group -> option chosen, as run records keep them.
+        run: Hydra's run facts: run and sweep directories, task overrides, `env_set`.
+    """
 
     overrides: tuple[str, ...]
-    config: dict[str, Any]  # the resolved config as a plain dict (what `show` prints)
+    config: dict[str, Any]
     deployment: Deployment
+    choices: dict[str, str] = field(default_factory=dict)
+    run: RunFacts = field(default_factory=RunFacts)
 
 
 def load_deployment(overrides: Sequence[str], source: ConfigSource | None = None) -> Job:
@@ -35,7 +45,8 @@ def load_deployment(overrides: Sequence[str], source: ConfigSource | None = None
         problems += [_in_user_file(p, composed.choices, source) for p in check(cfg)]
     if problems or cfg is None:
         raise ConfigError(problems)
-    return Job(tuple(overrides), cfg, validate_dict(cfg))
+    deployment = deployment_from_dict(normalise(cfg))  # checked just above
+    return Job(tuple(overrides), cfg, deployment, composed.choices, composed.run)
 
 
 def _in_user_file(problem: Problem, choices: dict[str, str], source: ConfigSource) -> Problem:
@@ -48,33 +59,50 @@ def _in_user_file(problem: Problem, choices: dict[str, str], source: ConfigSourc
                    problem.hint)  # fmt: skip
 
 
+Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
+
+
 def load_deployments(
-    overrides: Sequence[str], source: ConfigSource | None = None, *, sweep: bool = False
+    overrides: Sequence[str],
+    source: ConfigSource | None = None,
+    *,
+    sweep: bool = False,
+    mapper: Mapper = map,
 ) -> list[Job]:
     """Compose and validate one deployment, or every job of a sweep before any job runs.
 
     For a sweep, the problems of all invalid combinations are reported together, each path
     prefixed by the job's overrides, so that nothing is launched when one combination is wrong.
+    `mapper` composes the jobs (`map`, or a process pool's `imap` to use every core).
     """
     if not sweep:
         return [load_deployment(overrides, source)]
     from glmdeploy.config.sweep import expand_sweep
 
-    jobs: list[Job] = []
-    problems: list[Problem] = []
     combos = expand_sweep(overrides)
-    for combo in combos:
-        label = " ".join(combo)
-        try:
-            jobs.append(load_deployment(combo, source))
-        except ConfigError as exc:
-            problems += [_in_job(label, p) for p in exc.problems]
+    results = list(mapper(try_load, [(combo, source) for combo in combos]))
+    jobs = [job for job, _ in results if job is not None]
+    problems = [
+        _in_job(" ".join(combo), p)
+        for combo, (_, found) in zip(combos, results, strict=True)
+        for p in found
+    ]
     if problems:
         bad = len(combos) - len(jobs)
         raise ConfigError(
             problems, f"invalid sweep: {bad} of {len(combos)} jobs are invalid, none was launched"
         )
     return jobs
+
+
+def try_load(
+    item: tuple[Sequence[str], ConfigSource | None],
+) -> tuple[Job | None, list[Problem]]:
+    """`load_deployment(*item)`, its problems returned rather than raised (picklable both ways)."""
+    try:
+        return load_deployment(*item), []
+    except ConfigError as exc:
+        return None, list(exc.problems)
 
 
 def _in_job(label: str, problem: Problem) -> Problem:

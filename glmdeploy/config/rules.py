@@ -139,7 +139,7 @@ def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
         )
     if declared:
         out += _fleet_rules(len(declared), ids, count)
-    allowed = _selected_ids(gpus)
+    allowed = selected_ids(gpus)
     for key in sorted(gpus.get("max_memory_gib") or {}, key=str):
         if allowed is not None and int(key) not in allowed:
             out.append(
@@ -172,7 +172,7 @@ def _fleet_rules(size: int, ids: list[int], count: int | None) -> list[Problem]:
     return out
 
 
-def _selected_ids(gpus: Mapping[str, Any]) -> set[int] | None:
+def selected_ids(gpus: Mapping[str, Any]) -> set[int] | None:
     """Physical ids the config may use, or None where only the hardware knows (probed GPUs)."""
     mode = use_mode(gpus.get("mode", "auto"), gpus.get("ids"), gpus.get("count"))
     if mode is GpuMode.IDS:
@@ -195,7 +195,7 @@ def _precision_rules(precision: Mapping[str, Any], gpus: Mapping[str, Any]) -> l
                 "choose precision=bf16 or fp32 on CPU",
             )
         )
-    selected = _selected_ids(gpus)
+    selected = selected_ids(gpus)
     if precision["dtype"] == "bf16" and gpus.get("declared") and selected:
         for i, gpu in enumerate(gpus["declared"]):
             cc = tuple(gpu.get("compute_capability", (8, 0)))
@@ -251,7 +251,7 @@ def _placement_rules(placement: Mapping[str, Any], gpus: Mapping[str, Any]) -> l
 
 def _map_rules(entries: list[Any], offload: str, gpus: Mapping[str, Any]) -> list[Problem]:
     out: list[Problem] = []
-    allowed = _selected_ids(gpus)
+    allowed = selected_ids(gpus)
     spans: list[tuple[str, int, int, int]] = []  # (prefix, start, end, entry) of layer ranges
     names: dict[str, int] = {}  # plain module name -> entry
     for i, entry in enumerate(entries):
@@ -384,7 +384,7 @@ def _gpu_count(gpus: Mapping[str, Any]) -> int | None:
     if mode is GpuMode.LEAST_USED:
         count = gpus.get("count")
         return int(count) if isinstance(count, int) else None
-    selected = _selected_ids(gpus)
+    selected = selected_ids(gpus)
     return len(selected) if selected is not None else None
 
 

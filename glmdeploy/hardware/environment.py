@@ -13,6 +13,7 @@ import platform
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict
+from functools import lru_cache
 from typing import Any
 
 from glmdeploy.hardware.nvml import Nvml, probe
@@ -30,8 +31,10 @@ NOT_INSTALLED = "not installed"
 _CHANGING = ("used_bytes", "free_bytes", "processes")  # GPU facts that change from run to run
 
 
+@lru_cache(maxsize=64)
 def package_version(distribution: str) -> str:
-    """The installed version of `distribution`, or "not installed"."""
+    """The installed version of `distribution`, or "not installed" (looked up once a process:
+    each look-up scans sys.path, and what a process has imported does not change under it)."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:

@@ -14,13 +14,15 @@ import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from glmdeploy.loading.content_hash import file_digests
 from glmdeploy.problems import LoadError, Problem, one_of
+
+if TYPE_CHECKING:
+    import torch  # imported where tensors are read: run records fingerprint without it
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -54,6 +56,8 @@ class TensorInfo(NamedTuple):
 
     @property
     def nbytes(self) -> int:
+        import torch
+
         numel = 1
         for dim in self.shape:
             numel *= dim
@@ -216,6 +220,8 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], bytes]:
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """A `.bin` state dict, memory-mapped; unpickles nothing but tensors and plain containers."""
+    import torch
+
     try:
         loaded = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
     except pickle.UnpicklingError as exc:

@@ -17,26 +17,21 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from glmdeploy import atomic
+from glmdeploy.cache import CACHE_ENV, cache_root
 from glmdeploy.config.settings import Architecture
+from glmdeploy.hardware.environment import package_version
 from glmdeploy.loading.embedded_tokenizer import write_tokenizer
 from glmdeploy.model.hf_config import config_from_architecture
 from glmdeploy.problems import LoadError, Problem
 from glmdeploy.staging import publish, recover, staging
 
-CACHE_ENV = "GLMDEPLOY_CACHE"  # replaces ~/.cache/glmdeploy
+__all__ = ["CACHE_ENV", "MARKER", "cache_root", "embedded_key", "materialize"]  # cache: re-exported
 MARKER = "glmdeploy-materialized.json"  # written last: its presence means the directory is complete
 MATERIALIZE_VERSION = 2  # bump when what is written changes: invalidates cached checkpoints
-
-
-def cache_root() -> Path:
-    """glmdeploy's cache directory: `$GLMDEPLOY_CACHE`, else `~/.cache/glmdeploy`."""
-    value = os.environ.get(CACHE_ENV)
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "glmdeploy"
 
 
 def embedded_key(architecture: Architecture, seed: int) -> str:
@@ -44,8 +39,8 @@ def embedded_key(architecture: Architecture, seed: int) -> str:
     record = {
         "architecture": dataclasses.asdict(architecture),
         "seed": seed,
-        "torch": importlib.metadata.version("torch"),
-        "transformers": importlib.metadata.version("transformers"),
+        "torch": package_version("torch"),
+        "transformers": package_version("transformers"),
         "version": MATERIALIZE_VERSION,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

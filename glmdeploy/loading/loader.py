@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from glmdeploy.cache import cache_root as default_cache_root
 from glmdeploy.config.settings import CheckpointLayout, Deployment, ModelSource, SourceKind
 from glmdeploy.hardware.gpu_select import GpuAssignment, apply_environment, to_logical
 from glmdeploy.hardware.precision import ResolvedPrecision, resolve_precision, selected_gpus
 from glmdeploy.loading import verify
 from glmdeploy.loading.checkpoint import check_float_weights, list_tensors
 from glmdeploy.loading.convert import ensure_native
-from glmdeploy.loading.embedded import cache_root as default_cache_root
 from glmdeploy.loading.embedded import materialize
 from glmdeploy.loading.verify import DeviceBytes
 from glmdeploy.model.hf_config import read_config_json

@@ -10,7 +10,9 @@ CUDA, and is plain data afterwards: planning imports no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from glmdeploy.config.settings import Dtype, Quantization
@@ -169,7 +171,12 @@ class Anatomy:
         hidden_size, intermediate_size, vocab_size, num_attention_heads, num_key_value_heads,
         head_dim: the shapes the memory model needs.
         config_dtype: the checkpoint config's dtype, what `precision.dtype=auto` resolves to.
-        hf_config: the `PretrainedConfig` it was built from (to rebuild the meta model).
+        hf_config: the `PretrainedConfig` it was built from, when it was built in this process;
+            None when it was read from the anatomy cache (`glmdeploy.model.anatomy_cache`).
+            Whoever needs the live config (the `transformers` strategy) rebuilds it from the
+            model option (`glmdeploy.model.hf_config.hf_config_for`).
+
+    `to_dict`/`from_dict` give it as plain JSON-ready data (everything but `hf_config`).
     """
 
     model_type: str
@@ -191,6 +198,34 @@ class Anatomy:
 
     def unit(self, name: str) -> Unit:
         return self.units[self.index(name)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, dicts, numbers, strings) for JSON; `hf_config` is left out."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hf_config"}
+        data["units"] = [_unit_dict(u) for u in self.units]
+        data["tied_groups"] = [asdict(g) for g in self.tied_groups]
+        data["config_dtype"] = None if self.config_dtype is None else str(self.config_dtype)
+        plain: dict[str, Any] = json.loads(json.dumps(data))  # tuples as lists, as read back
+        return plain
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Anatomy:
+        """The inverse of `to_dict` (KeyError/TypeError/ValueError on malformed data)."""
+        names = {f.name for f in fields(cls)} - {"hf_config"}
+        values = {k: data[k] for k in names}  # every field: missing ones are malformed data
+        values["units"] = tuple(_unit_from(u) for u in data["units"])
+        values["tied_groups"] = tuple(
+            TiedGroup(tuple(g["tensors"]), tuple(g["units"])) for g in data["tied_groups"]
+        )
+        values["no_split_classes"] = tuple(data["no_split_classes"])
+        values["containers"] = tuple(data["containers"])
+        dtype = data["config_dtype"]
+        values["config_dtype"] = None if dtype is None else Dtype(dtype)
+        anatomy = cls(**values)
+        for name in _INT_FIELDS:
+            if not isinstance(getattr(anatomy, name), int):
+                raise TypeError(f"{name} must be an integer")
+        return anatomy
 
     def index(self, name: str) -> int:
         for i, unit in enumerate(self.units):
@@ -219,3 +254,30 @@ class Anatomy:
             if name in group.units:
                 return group.units[0]
         return name
+
+
+_INT_FIELDS = ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads",
+               "num_key_value_heads", "head_dim")  # fmt: skip
+_TALLIES = ("params", "persistent_buffers", "other_buffers")
+
+
+def _unit_dict(unit: Unit) -> dict[str, Any]:
+    data = asdict(unit)
+    for name in _TALLIES:  # only the non-zero counts: most are zero
+        data[name] = {k: v for k, v in data[name].items() if v}
+    return data
+
+
+def _unit_from(data: Mapping[str, Any]) -> Unit:
+    tallies = {name: Tally(**data[name]) for name in _TALLIES}
+    index = data["layer_index"]
+    return Unit(
+        name=str(data["name"]),
+        kind=str(data["kind"]),
+        class_name=str(data["class_name"]),
+        layer_index=None if index is None else int(index),
+        n_params=int(data["n_params"]),
+        tensors=tuple(data["tensors"]),
+        modules=tuple(data["modules"]),
+        **tallies,
+    )

@@ -36,8 +36,8 @@ from glmdeploy.hardware.precision import (
     selected_gpus,
 )
 from glmdeploy.model.anatomy import Anatomy
-from glmdeploy.model.hf_config import checkpoint_layout, hf_config_for
-from glmdeploy.model.skeleton import build_anatomy
+from glmdeploy.model.anatomy_cache import anatomy_for
+from glmdeploy.model.hf_config import checkpoint_layout
 from glmdeploy.planning.strategies import current_fingerprint, plan_placement, try_plan
 from glmdeploy.planning.types import DeviceSpec, Plan, PlanDoesNotFit, device_label
 from glmdeploy.problems import ConfigError, HardwareError, Problem
@@ -152,7 +152,7 @@ def plan_deployment(
     if quant is not Quantization.NONE and not support.runs:
         raise HardwareError([support.refusal(quant)])
     lacking = tuple(n for n in (support.note(quant),) if n)
-    anatomy = build_anatomy(hf_config_for(deployment.model))
+    anatomy = anatomy_for(deployment.model)  # cached: no torch unless it must be built
     try:
         if deployment.placement.strategy is Strategy.PLAN_FILE:
             plan = restore_plan(deployment, anatomy, devices)

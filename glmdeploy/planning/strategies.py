@@ -140,7 +140,9 @@ def try_plan(
         from glmdeploy.planning.transformers_map import max_memory, transformers_assignment
 
         budgets = max_memory(setup.gpus, setup.offload_devices, setup.capacities, setup.memory)
-        assignment, notes = transformers_assignment(anatomy, setup.memory, budgets)
+        assignment, notes = transformers_assignment(
+            anatomy, deployment.model, setup.memory, budgets
+        )
     else:
         assignment, notes = _automatic(setup, strategy)
     devices_used = (*setup.gpus, *setup.offload_devices)

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from glmdeploy.config.settings import Dtype, Quantization
+from glmdeploy.config.settings import Dtype, ModelSpec, Quantization
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.planning.memory import MemoryModel
 from glmdeploy.planning.types import DeviceKey, DeviceSpec
@@ -86,13 +86,16 @@ def max_memory(
 
 
 def transformers_assignment(
-    anatomy: Anatomy, memory: MemoryModel, budgets: Mapping[DeviceKey, int]
+    anatomy: Anatomy, model: ModelSpec, memory: MemoryModel, budgets: Mapping[DeviceKey, int]
 ) -> tuple[dict[str, DeviceKey], list[str]]:
-    """transformers' unit map for `anatomy` in `memory.dtype` under `budgets`, with notes."""
+    """transformers' unit map for `model` (whose anatomy is `anatomy`) in `memory.dtype` under
+    `budgets`, with notes. The live config is rebuilt when the anatomy came from the cache."""
+    from glmdeploy.model.hf_config import hf_config_for
     from glmdeploy.model.skeleton import meta_model
 
-    model = meta_model(anatomy.hf_config, _TORCH_DTYPES[memory.dtype])
-    assignment = unit_assignment(anatomy, transformers_device_map(model, budgets))
+    config = anatomy.hf_config if anatomy.hf_config is not None else hf_config_for(model)
+    meta = meta_model(config, _TORCH_DTYPES[memory.dtype])
+    assignment = unit_assignment(anatomy, transformers_device_map(meta, budgets))
     notes = [
         "transformers: its own device_map='auto' for max_memory = each GPU's budget (weights "
         "only, GPUs in id order), measured with glmdeploy's memory model"

@@ -196,8 +196,9 @@ class RecordWriter:
             raise lost from exc
         return self
 
-    def save_plan(self, plan: Plan) -> None:
-        """Write `plan.json` and `plan.png`, and put the plan in `run.json`."""
+    def save_plan(self, plan: Plan, *, write_record: bool = True) -> None:
+        """Write `plan.json` and `plan.png`, and put the plan in `run.json` (rewritten unless
+        `write_record` is false: `finish` writes it once, with everything else)."""
         record = self.record
         if self.lost is not None:
             return
@@ -213,7 +214,8 @@ class RecordWriter:
             save_plan_picture(plan, self.run_dir / PLAN_PNG)
         except Exception as exc:  # a picture must never fail the run it illustrates
             record.warnings.append(f"plan picture not drawn: {type(exc).__name__}: {exc}")
-        self._write()
+        if write_record:
+            self._write()
 
     def finish(
         self,
@@ -233,7 +235,7 @@ class RecordWriter:
         if self.lost is not None:
             return record  # already finished `failed`: the record could not be written
         if plan is not None:
-            self.save_plan(plan)
+            self.save_plan(plan, write_record=False)
         record.results.update(results or {})
         record.timings.update(timings or {})
         if error is None and status == "interrupted":

@@ -263,12 +263,8 @@ def _counts(rows: Sequence[Row]) -> str:
 def save_report_plot(rows: Sequence[Row], path: Path) -> None:
     """Bars per job: the plan's peak utilisation (its binding device's) and, when measured, decode
     tokens/s; failures marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from glmdeploy.records.pictures import save_figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     panels: list[tuple[str, Callable[[Row], float | None]]] = [
         ("max utilisation (%)", lambda r: _percent(r.max_utilisation)),
@@ -280,14 +276,9 @@ def save_report_plot(rows: Sequence[Row], path: Path) -> None:
         if all(r.max_utilisation is None for r in rows):
             panels.pop(0)
     width = max(5.0, 0.9 * len(rows) + 2.0)
-    fig, axes = plt.subplots(
-        len(panels),
-        1,
-        figsize=(width, 3.2 * len(panels) + 1.0),
-        sharex=True,
-        squeeze=False,
-        layout="constrained",
-    )
+    fig = Figure(figsize=(width, 3.2 * len(panels) + 1.0), layout="constrained")
+    FigureCanvasAgg(fig)  # the object-oriented API: no pyplot, no global figure state
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
     xs = list(range(len(rows)))
     for ax, (label, value) in zip(axes[:, 0], panels, strict=True):
         for x, row in zip(xs, rows, strict=True):
@@ -307,7 +298,8 @@ def save_report_plot(rows: Sequence[Row], path: Path) -> None:
     axes[-1, 0].set_xticks(xs, ticks, fontsize=7, rotation=30 if wide else 0,
                            ha="right" if wide else "center")  # fmt: skip
     axes[0, 0].set_title(f"glmdeploy sweep: {len(rows)} job(s), {_counts(rows)}", fontsize=10)
-    save_figure(fig, path)
+    with atomic.replacing(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=110)
 
 
 def _percent(value: float | None) -> float | None:
