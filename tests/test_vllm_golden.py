@@ -198,6 +198,7 @@ def test_glm_4_5_air_moe_weights_per_rank_at_tp8() -> None:
     export = _export("model=glm-4.5-air", "gpus=8x80gib", "parallel=tp8")
     h, tp, b, experts, moe, dense, vocab = 4096, 8, 2, 128, 1408, 10944, 151552
     attention = (12288 * h // tp + 2 * 1024 // tp * h + h * 12288 // tp + 2 * h) * b
+    attention += (12288 + 2 * 1024) // tp * b  # q/k/v biases (attention_bias: true), split too
     dense_mlp = 3 * dense // tp * h * b
     moe_mlp = experts * 3 * moe // tp * h * b  # fused experts: the intermediate splits
     moe_mlp += 3 * moe // tp * h * b  # the shared expert

@@ -84,13 +84,16 @@ def launch(
     with open(run_dir / "torchrun.log", "w", encoding="utf-8") as log:
         out = log if request.json_out else None
         deadline = 2 * launch_cfg.join_timeout_s + STARTUP_GRACE_S
-        started, code, joined = time.monotonic(), None, False
+        started, code, joined, stopped = time.monotonic(), None, False, False
         try:
             code, joined = supervise(
                 cmd, env, run_dir, lc.local_ranks(deployment), deadline, stdout=out, stderr=log
             )
+        except KeyboardInterrupt:
+            stopped = True
+            raise
         finally:
-            _collect(run_dir, results)
+            _collect(run_dir, results, stopped=stopped)
             seconds = time.monotonic() - started
             results["torchrun"] = {
                 "exit_code": code,
@@ -171,13 +174,21 @@ def stop(proc: subprocess.Popen[Any]) -> None:
     proc.wait()
 
 
-def _collect(run_dir: Path, results: MutableMapping[str, Any]) -> None:
-    """Rank 0's results (when it ran on this node) and every local rank's summary."""
+def _collect(run_dir: Path, results: MutableMapping[str, Any], *, stopped: bool = False) -> None:
+    """Rank 0's results (when it ran on this node) and every local rank's summary.
+
+    When the user stopped the deployment (`stopped`), a rank that had not finished is
+    `interrupted`, even if it saw its peers go first (a collective error) before its own SIGTERM.
+    """
     records = rr.read_ranks(run_dir)
     first = next((r for r in records if r.rank == 0), records[0] if records else None)
     if first is not None:
         results.update({k: v for k, v in first.results.items() if k not in results})
-    results["ranks"] = [r.summary() for r in records]
+    summaries = [r.summary() for r in records]
+    for summary in summaries:
+        if stopped and summary["status"] != "ok":
+            summary["status"] = "interrupted"
+    results["ranks"] = summaries
 
 
 def _write_spec(planned: PlannedDeployment, request: LaunchRequest) -> Path:

@@ -277,7 +277,8 @@ def check_float_weights(infos: Mapping[str, TensorInfo], *, quantized: bool = Fa
 
 
 def _floating(dtype: str) -> bool:
-    return bool(getattr(torch, dtype).is_floating_point)
+    """Whether a torch dtype name is a floating one (float16/32/64, bfloat16, float8_*)."""
+    return dtype.startswith(("float", "bfloat"))
 
 
 def iter_tensors(
