@@ -87,7 +87,8 @@ def test_keys_are_computed_without_torch_and_follow_the_inputs(tmp_path: Path) -
     second = entry_key(key_inputs(local) or {})
     chatglm = dataclasses.replace(local.source, layout=CheckpointLayout.CHATGLM)
     third = entry_key(key_inputs(dataclasses.replace(local, source=chatglm)) or {})
-    assert len({first, second, third}) == 3
+    assert first != second
+    assert third == second  # its config.json says chatglm: the layout is read as planning reads it
     gone = ModelSpec("g", ModelSource(SourceKind.LOCAL, path=str(tmp_path / "none")), None)
     assert key_inputs(gone) is None
 

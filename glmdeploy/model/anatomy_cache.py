@@ -30,6 +30,7 @@ from glmdeploy import atomic
 from glmdeploy.cache import cache_root
 from glmdeploy.config.settings import ModelSpec
 from glmdeploy.model.anatomy import Anatomy
+from glmdeploy.model.hf_config import checkpoint_layout
 
 ANATOMY_FORMAT = 1
 FORMAT = f"glmdeploy.anatomy/{ANATOMY_FORMAT}"
@@ -152,7 +153,7 @@ def key_inputs(model: ModelSpec) -> dict[str, Any] | None:
         **versions,
         "config_json": _sha256(config_json),
         "code": code,
-        "layout": str(model.source.layout),
+        "layout": str(checkpoint_layout(model)),  # as planning reads it (config.json decides)
         "trust_remote_code": model.source.trust_remote_code,
     }
 

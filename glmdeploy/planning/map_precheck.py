@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmdeploy.config.rules import selected_ids
-from glmdeploy.config.settings import Deployment, Strategy
+from glmdeploy.config.settings import CheckpointLayout, Deployment, Strategy
 from glmdeploy.model.anatomy_cache import cached_anatomy
+from glmdeploy.model.hf_config import checkpoint_layout
 from glmdeploy.planning.explicit_map import check_explicit_map
 from glmdeploy.problems import Problem
 
@@ -60,5 +61,7 @@ def precheck_map(deployment: Deployment, gpus: Mapping[str, Any]) -> MapPrecheck
     if named is None:  # auto / least_used: the machine decides
         named = {e.device for e in placement.map if isinstance(e.device, int)}
         notes = (GPUS_AT_PLAN_TIME.format(mode=deployment.gpus.mode),)
-    check = check_explicit_map(placement.map, anatomy, sorted(named), placement.offload)
+    legacy = checkpoint_layout(deployment.model) is CheckpointLayout.CHATGLM  # as `plan` reads it
+    check = check_explicit_map(placement.map, anatomy, sorted(named), placement.offload,
+                               checkpoint_names=legacy)  # fmt: skip
     return MapPrecheck("full", check.problems, notes)
