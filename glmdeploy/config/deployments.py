@@ -20,6 +20,7 @@ class Job:
     overrides: tuple[str, ...]
     config: dict[str, Any]  # the resolved config as a plain dict (what `show` prints)
     deployment: Deployment
+    applied: tuple[str, ...] = ()  # the overrides as Hydra must be given them (Composition.applied)
 
 
 def load_deployment(overrides: Sequence[str], source: ConfigSource | None = None) -> Job:
@@ -32,10 +33,12 @@ def load_deployment(overrides: Sequence[str], source: ConfigSource | None = None
     composed = compose_tolerant(overrides, source)
     cfg, problems = composed.config, list(composed.problems)
     if cfg is not None:
-        problems += [_in_user_file(p, composed.choices, source) for p in check(cfg)]
+        said = {p.path for p in problems}  # a refused override's key: said once
+        problems += [_in_user_file(p, composed.choices, source) for p in check(cfg)
+                     if p.path not in said]  # fmt: skip
     if problems or cfg is None:
         raise ConfigError(problems)
-    return Job(tuple(overrides), cfg, validate_dict(cfg))
+    return Job(tuple(overrides), cfg, validate_dict(cfg), tuple(composed.applied))
 
 
 def _in_user_file(problem: Problem, choices: dict[str, str], source: ConfigSource) -> Problem:
@@ -58,7 +61,12 @@ def load_deployments(
     """
     if not sweep:
         return [load_deployment(overrides, source)]
+    from glmdeploy.config.overrides import screen_overrides
     from glmdeploy.config.sweep import expand_sweep
+
+    refused = screen_overrides(overrides)[1]
+    if refused:  # said once, not once per job
+        raise ConfigError(refused)
 
     jobs: list[Job] = []
     problems: list[Problem] = []
