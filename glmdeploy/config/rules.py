@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import os
 import re
+import stat
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from glmdeploy.problems import Problem
+from glmdeploy.problems import Problem, clip
 
 _RANGE = re.compile(r"^(?P<prefix>.*\.)(?P<start>\d+)(?:-(?P<end>\d+))?$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+MAX_RANGE_INDEX = 65535  # no model has more layers or experts; bounds a range before any work
+MAX_MAP_NAMES = 4096  # module names in one explicit map
+
+
+def is_pinned(revision: str | None) -> bool:
+    """Whether a hub revision names one commit (a full sha); branches and tags can move."""
+    return revision is not None and _COMMIT.fullmatch(revision) is not None
 
 
 def semantic_problems(doc: Mapping[str, Any], schema_clean: bool = True) -> list[Problem]:
@@ -22,7 +35,7 @@ def semantic_problems(doc: Mapping[str, Any], schema_clean: bool = True) -> list
         lambda: _model_rules(doc["model"], doc.get("engine") or {}),
         lambda: _gpu_rules(doc["gpus"]),
         lambda: _precision_rules(doc["precision"], doc["gpus"]),
-        lambda: _placement_rules(doc["placement"], doc["gpus"]),
+        lambda: _placement_rules(doc["placement"], doc["gpus"], doc["model"]),
         lambda: _runtime_rules(doc["runtime"], doc["model"]),
         lambda: _launch_rules(doc.get("launch") or {}, doc.get("parallel") or {}),
         lambda: _engine_rules(doc.get("engine") or {}),
@@ -52,11 +65,12 @@ def _model_rules(model: Mapping[str, Any], engine: Mapping[str, Any]) -> list[Pr
                 f"set model.source.{needs[kind]}=…",
             )
         )
-    if kind == "local" and src.get("path") and not Path(src["path"]).expanduser().is_dir():
+    found, why = _lookup(src["path"]) if kind == "local" and src.get("path") else (None, "")
+    if kind == "local" and src.get("path") and not (found and stat.S_ISDIR(found.st_mode)):
         out.append(
             Problem(
                 "model.source.path",
-                f"'{src['path']}' is not a directory",
+                f"'{clip(src['path'])}' is not a directory{why}",
                 "a checkpoint directory with config.json",
                 "check the path",
             )
@@ -71,12 +85,14 @@ def _model_rules(model: Mapping[str, Any], engine: Mapping[str, Any]) -> list[Pr
             )
         )
     if src.get("trust_remote_code"):
-        if kind == "hub" and not src.get("revision"):
+        revision = src.get("revision")
+        if kind == "hub" and not is_pinned(revision):
+            given = f"'{clip(str(revision))}' is a branch or tag" if revision else "no revision"
             out.append(
                 Problem(
                     "model.source.revision",
-                    "remote code without a pinned revision",
-                    "a commit hash",
+                    f"remote code without a pinned revision ({given})",
+                    "a 40-hex commit hash",
                     "pin model.source.revision=<commit> before "
                     "trusting remote code: a moving branch can change the code",
                 )
@@ -112,7 +128,7 @@ def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
                 )
             )
     ids = gpus.get("ids") or []
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dupes:
         out.append(
             Problem(
@@ -175,7 +191,9 @@ def _precision_rules(precision: Mapping[str, Any], gpus: Mapping[str, Any]) -> l
     return out
 
 
-def _placement_rules(placement: Mapping[str, Any], gpus: Mapping[str, Any]) -> list[Problem]:
+def _placement_rules(
+    placement: Mapping[str, Any], gpus: Mapping[str, Any], model: Mapping[str, Any]
+) -> list[Problem]:
     out: list[Problem] = []
     strategy = placement["strategy"]
     for key, owner in (("map", "explicit"), ("plan_file", "plan_file")):
@@ -199,24 +217,33 @@ def _placement_rules(placement: Mapping[str, Any], gpus: Mapping[str, Any]) -> l
                 )
             )
     plan_file = placement.get("plan_file")
-    if strategy == "plan_file" and plan_file and not Path(plan_file).expanduser().is_file():
+    found, why = _lookup(plan_file) if strategy == "plan_file" and plan_file else (None, "")
+    if strategy == "plan_file" and plan_file and not (found and stat.S_ISREG(found.st_mode)):
         out.append(
             Problem(
                 "placement.plan_file",
-                f"'{plan_file}' does not exist",
+                f"'{clip(plan_file)}' does not exist{why}",
                 "a file written by `glmdeploy plan --save FILE`",
                 None,
             )
         )
     if strategy == "explicit" and placement.get("map"):
-        out += _map_rules(placement["map"], placement.get("offload", "none"), gpus)
+        arch = model.get("architecture")
+        layers = arch.get("num_hidden_layers") if isinstance(arch, Mapping) else None
+        out += _map_rules(placement["map"], placement.get("offload", "none"), gpus, layers)
     return out
 
 
-def _map_rules(entries: list[Any], offload: str, gpus: Mapping[str, Any]) -> list[Problem]:
+def _map_rules(
+    entries: list[Any], offload: str, gpus: Mapping[str, Any], layers: int | None
+) -> list[Problem]:
+    total = sum(1 if isinstance(e["modules"], str) else len(e["modules"]) for e in entries)
+    if total > MAX_MAP_NAMES:
+        hint = "name layers by ranges: model.layers.0-13"
+        return [Problem("placement.map", f"{total} module names", f"at most {MAX_MAP_NAMES}", hint)]
     out: list[Problem] = []
     allowed = _selected_ids(gpus)
-    spans: list[tuple[str, int, int, int]] = []  # (prefix, start, end, entry) of layer ranges
+    spans: dict[str, list[tuple[int, int, int]]] = {}  # prefix -> (start, end, entry) of ranges
     names: dict[str, int] = {}  # plain module name -> entry
     for i, entry in enumerate(entries):
         device = entry["device"]
@@ -251,12 +278,31 @@ def _map_rules(entries: list[Any], offload: str, gpus: Mapping[str, Any]) -> lis
             )
         modules = [entry["modules"]] if isinstance(entry["modules"], str) else entry["modules"]
         for name in modules:
-            out += _overlaps(name, i, spans, names)
+            too_far = _range_beyond(name, i, layers)
+            out += [too_far] if too_far else _overlaps(name, i, spans, names)
     return out
 
 
+def _range_beyond(name: str, entry: int, layers: int | None) -> Problem | None:
+    """A range past the model's layers (when known) or any model's, before anything expands it."""
+    match = _RANGE.match(name)
+    if not match or match["end"] is None:
+        return None
+    prefix, end = match["prefix"], int(match["end"])
+    where = f"placement.map[{entry}].modules"
+    if layers is not None and prefix.endswith("layers.") and end >= layers:
+        start = int(match["start"])
+        hint = f"write {prefix}{start}-{layers - 1}" if start < layers else None
+        message = f"'{clip(name)}' reaches layer {end}, but the model has {layers} layers"
+        return Problem(where, message, f"layers 0-{layers - 1}", hint)
+    if end > MAX_RANGE_INDEX:
+        message = f"'{clip(name)}' reaches index {end}: no model has that many layers or experts"
+        return Problem(where, message, f"indices at most {MAX_RANGE_INDEX}", None)
+    return None
+
+
 def _overlaps(
-    name: str, entry: int, spans: list[tuple[str, int, int, int]], names: dict[str, int]
+    name: str, entry: int, spans: dict[str, list[tuple[int, int, int]]], names: dict[str, int]
 ) -> list[Problem]:
     """Record one module pattern; Problems if it repeats or overlaps an earlier one."""
     where = f"placement.map[{entry}].modules"
@@ -279,18 +325,31 @@ def _overlaps(
         return [
             Problem(where, f"empty range '{name}'", "start <= end", f"write {prefix}{end}-{start}")
         ]
-    out = [
+    placed = spans.setdefault(prefix, [])  # disjoint (start, end, entry), sorted: ends sorted too
+    after = bisect.bisect_right(placed, (end, end, entry))
+    earlier = (placed[j] for j in range(after - 1, -1, -1))
+    clashes = list(itertools.takewhile(lambda span: span[1] >= start, earlier))
+    if not clashes:
+        placed.insert(after, (start, end, entry))
+    return [
         Problem(
             where,
-            f"'{name}' overlaps {p}{s}-{e} in placement.map[{j}]",
+            f"'{name}' overlaps {prefix}{s}-{e} in placement.map[{j}]",
             "each layer once",
             "make the ranges disjoint",
         )
-        for p, s, e, j in spans
-        if p == prefix and s <= end and start <= e
+        for s, e, j in reversed(clashes)
     ]
-    spans.append((prefix, start, end, entry))
-    return out
+
+
+def _lookup(path: str) -> tuple[os.stat_result | None, str]:
+    """What the file system says of a path, and why it cannot say (` (File name too long)`)."""
+    try:
+        return Path(path).expanduser().stat(), ""
+    except (FileNotFoundError, NotADirectoryError):
+        return None, ""
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        return None, f" ({getattr(exc, 'strerror', None) or exc})"
 
 
 def _launch_rules(launch: Mapping[str, Any], parallel: Mapping[str, Any]) -> list[Problem]:
