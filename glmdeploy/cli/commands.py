@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from glmdeploy.cli.args import Args
+from glmdeploy.cli.args import Args, UsageError
 from glmdeploy.cli.output import print_json
 from glmdeploy.problems import ExitCode, GlmDeployError
 
@@ -22,11 +22,11 @@ def cmd_validate(args: Args) -> int:
     from glmdeploy.config.deployments import load_deployments
 
     source = args.source()
-    if args.hydra_mode and not args.multirun:
+    jobs = load_deployments(args.overrides, source, sweep=args.multirun)
+    if args.hydra_mode and not args.multirun:  # valid: let Hydra print what was asked
         from glmdeploy.cli.hydra_runner import run_hydra
 
-        return run_hydra(args, source, job=None)
-    jobs = load_deployments(args.overrides, source, sweep=args.multirun)
+        return run_hydra(args, source, None, jobs[0].applied)
     if args.json:
         print_json(
             {"ok": True, "jobs": [{"overrides": j.overrides, "config": j.config} for j in jobs]}
@@ -42,10 +42,15 @@ def cmd_show(args: Args) -> int:
     from glmdeploy.config.deployments import compose_resolved_yaml
 
     source = args.source()
+    if args.multirun:
+        raise UsageError(
+            "show prints one config; -m/--multirun is for plan, run, … and validate",
+            "`glmdeploy validate -m …` checks each job; `plan -m --dry-run …` lists them",
+        )
     if args.hydra_mode:
         from glmdeploy.cli.hydra_runner import run_hydra
 
-        return run_hydra(args, source, job=None)
+        return run_hydra(args, source, None)
     text, cfg = compose_resolved_yaml(args.overrides, source)
     if args.json:
         print_json(cfg)
@@ -83,7 +88,7 @@ def cmd_job(args: Args) -> int:
     refuse_transformers_commands(args.command, [job.deployment])
     from glmdeploy.cli.hydra_runner import run_hydra
 
-    return run_hydra(args, source, _hydra_job)
+    return run_hydra(args, source, _hydra_job, job.applied)
 
 
 def cmd_serve(args: Args) -> int:
@@ -96,14 +101,15 @@ def cmd_serve(args: Args) -> int:
         hint = "drop -m: start one `glmdeploy serve` per deployment, each on its own serve.port"
         raise ConfigError([Problem("-m", "serve runs one deployment, not a sweep", hint=hint)])
     source = args.source()
-    deployment = load_deployment(args.overrides, source).deployment
+    job = load_deployment(args.overrides, source)
+    deployment = job.deployment
     if deployment.engine.name is EngineName.VLLM and not args.hydra_mode:
         from glmdeploy.serving.handover import hand_over_to_vllm
 
         return hand_over_to_vllm(deployment, json_out=args.json)
     from glmdeploy.cli.hydra_runner import run_hydra
 
-    return run_hydra(args, source, _hydra_job)
+    return run_hydra(args, source, _hydra_job, job.applied)
 
 
 def _hydra_job(cfg: dict[str, Any], args: Args) -> int:

@@ -59,10 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage(str(req)))
         return ExitCode.OK
     except UsageError as exc:
-        print(f"error: {exc}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
-        return ExitCode.CONFIG
+        return _usage_error(exc)
     try:
         return COMMANDS[args.command].run(args)
+    except UsageError as exc:
+        return _usage_error(exc)
     except GlmDeployError as exc:
         if args.debug:
             raise
@@ -76,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         report_internal_error(exc)
         return ExitCode.FAILURE
+
+
+def _usage_error(exc: UsageError) -> int:
+    print(f"error: {exc}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+    return ExitCode.CONFIG
 
 
 COMMANDS: dict[str, Command] = {
