@@ -241,6 +241,8 @@ COMMAND_LINES: list[tuple[list[str], str, str]] = [
     (["validate", "runtime=nan"], "runtime", "runtime='nan'"),
     (["validate", "gpus=true"], "gpus", "reads as a bool"),
     (["validate", "runtime=null"], "runtime", "reads as null"),
+    (["validate", "gpus=[0,1]"], "gpus", "a group takes one option"),
+    (["validate", "gpus=[cpu,auto]"], "gpus", "a group takes one option"),
     (["validate", "gpus=../model/tiny-glm"], "gpus", "not an option name"),
     (["validate", "model=/etc/passwd"], "model", "not an option name"),
     (["validate", "gpus.max_memory_gib={null: 20}"], "gpus.max_memory_gib", "null"),

@@ -3,6 +3,8 @@ sizes bounded before any work, Hydra's own flags answered in glmdeploy's format.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import time
 from pathlib import Path
@@ -134,6 +136,13 @@ def test_the_loader_refuses_what_validation_would(tmp_path: Path, monkeypatch: A
     assert not marker.exists()
 
 
+@functools.cache
+def _hub_config() -> dict[str, Any]:
+    cfg = compose_tolerant(["model=glm-4-9b-chat-hf"]).config
+    assert cfg is not None
+    return cfg
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="ab_-./9Z", min_size=1, max_size=12))
 def test_hub_ids_follow_huggingface_hubs_own_rules(hub_id: str) -> None:
@@ -145,8 +154,7 @@ def test_hub_ids_follow_huggingface_hubs_own_rules(hub_id: str) -> None:
         valid = True
     except HFValidationError:
         valid = False
-    cfg = compose_tolerant(["model=glm-4-9b-chat-hf"]).config
-    assert cfg is not None
+    cfg = copy.deepcopy(_hub_config())
     cfg["model"]["source"]["hub_id"] = hub_id
     refused = any(p.path == "model.source.hub_id" for p in check(cfg))
     assert refused is not valid, hub_id

@@ -152,6 +152,13 @@ def _word_problem(word: str) -> Problem | None:
             f"the name of a file in {key}/, without .yaml",
             f"quote it: {key}='{clip(raw, 60)}'",
         )
+    if key in GROUPS and isinstance(value, list | dict):
+        return Problem(
+            key,
+            f"'{clip(raw, 60)}' is a {type(value).__name__}: a group takes one option",
+            f"the name of a file in {key}/, without .yaml",
+            f"to sweep options write -m {key}=a,b",
+        )
     if key in GROUPS and isinstance(value, str) and _not_an_option(value):
         return Problem(
             key,

@@ -186,13 +186,16 @@ def _translate(error: Any) -> Iterator[Problem]:
             yield _token_problem(path, value)
         elif isinstance(value, str) and _SIZE_STRING.match(value):
             yield _size_problem(path, value)
-        elif "propertyNames" in err.schema_path:
+        elif "propertyNames" in err.schema_path and path.endswith("max_memory_gib"):
             yield Problem(
-                f"{path}.{value}" if path else str(value),
+                f"{path}.{value}",
                 "not a GPU id",
                 "physical GPU ids (integers)",
                 "write the whole dict: 'gpus.max_memory_gib={0: 20, 1: 24}'",
             )
+        elif "propertyNames" in err.schema_path:
+            where = f"{path}.{value}" if path else str(value)
+            yield Problem(where, "not a valid name", err.message)
         elif kind == "enum":
             choices = [str(c) for c in err.validator_value]
             yield Problem(
