@@ -92,7 +92,7 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 def deployment() -> Deployment:
     return Deployment(
         model=ModelSpec("bench", ModelSource(SourceKind.NONE), None),
-        gpus=GpuSelection(GpuMode.DECLARED),
+        gpus=GpuSelection(GpuMode.AUTO),
         precision=Precision(Dtype.BF16),
         placement=Placement(Strategy.BALANCED, reserve_gib=0.0),
         runtime=Runtime(max_context_tokens=1),

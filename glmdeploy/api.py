@@ -115,12 +115,19 @@ def load(
         (`.device_bytes`: planned against loaded bytes per device).
 
     Raises:
-        As `plan`, and LoadError (the checkpoint, or tensors not where the plan put them).
+        As `plan`, and LoadError (the checkpoint, or tensors not where the plan put them);
+        ConfigError for a `parallel` deployment (its ranks run under torchrun: use the CLI).
     """
     from glmdeploy.loading.loader import load_model
     from glmdeploy.planning.deployment_plan import PlannedDeployment
 
     planned = target if isinstance(target, PlannedDeployment) else plan(target)
+    if planned.plan.parallel is not None:
+        from glmdeploy.problems import ConfigError, Problem
+
+        message = "tensor/pipeline-parallel ranks run under torchrun, not in this process"
+        hint = "run `glmdeploy generate|bench|load` with the same overrides (it starts torchrun)"
+        raise ConfigError([Problem("parallel", message, hint=hint)])
     loaded = load_model(planned.requested or planned.deployment, planned.plan, planned.assignment,
                         offload_folder=offload_folder, progress=progress)  # fmt: skip
     return dataclasses.replace(loaded, planned=planned)

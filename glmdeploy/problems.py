@@ -51,9 +51,10 @@ class GlmDeployError(Exception):
 
     exit_code: ExitCode = ExitCode.FAILURE
     title: str = "glmdeploy failed"
+    ranked: bool = False  # True: the problems' order means something and is kept (else by path)
 
     def __init__(self, problems: Sequence[Problem], title: str | None = None) -> None:
-        self.problems: list[Problem] = sorted(problems)
+        self.problems: list[Problem] = list(problems) if self.ranked else sorted(problems)
         if title is not None:
             self.title = title
         super().__init__(render_problems(self.title, self.problems))

@@ -38,7 +38,7 @@ def make_deployment(
     architecture: Architecture | None = None,
     source: ModelSource | None = None,
     name: str = "tiny",
-    gpus: GpuSelection | GpuMode = GpuMode.DECLARED,
+    gpus: GpuSelection | GpuMode = GpuMode.AUTO,
     precision: Precision | Dtype = Dtype.BF16,
     reserve_gib: float = 1.0,
     gpu0_free_fraction: float = 0.3,
@@ -48,7 +48,7 @@ def make_deployment(
     max_new_tokens: int = 32,
     runtime: Runtime | None = None,
 ) -> Deployment:
-    """A deployment placed with `strategy`; by default plan-only: no weights, declared GPUs, bf16.
+    """A deployment placed with `strategy`; by default plan-only: no weights, all GPUs, bf16.
 
     `source` defaults to `SourceKind.NONE`; `gpus` and `precision` take the whole section or just
     its mode / dtype; the other placement defaults are `Placement`'s own; `runtime`, when given,

@@ -13,9 +13,10 @@ from glmdeploy.config.settings import GpuMode, Strategy
 def test_compose_and_validate_return_the_typed_deployment() -> None:
     dep = glmdeploy.compose(["gpus=2x24gib", "precision=bf16", "placement=balanced"])
     assert isinstance(dep, glmdeploy.Deployment)
-    assert dep.gpus.mode is GpuMode.DECLARED and dep.placement.strategy is Strategy.BALANCED
+    assert dep.gpus.mode is GpuMode.AUTO and dep.placement.strategy is Strategy.BALANCED
+    assert len(dep.gpus.declared) == 2  # all of a declared fleet
     config = glmdeploy.api.compose_config(["gpus=2x24gib"])
-    assert glmdeploy.validate(config).gpus.mode is GpuMode.DECLARED
+    assert glmdeploy.validate(config).gpus == dep.gpus
 
 
 def test_compose_reports_every_problem_at_once() -> None:

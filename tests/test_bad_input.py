@@ -63,7 +63,7 @@ CASES: list[tuple[list[str], str, str]] = [
         "gpus.max_memory_gib.1",
         "'gpus.max_memory_gib={0: 20, 1: 24}'",
     ),
-    (["+gpus.ids=[1]"], "gpus.ids", "choose gpus=ids"),
+    (["gpus=cpu", "+gpus.ids=[1]"], "gpus.ids", "choose gpus=ids"),
     (["gpus=least_used", "gpus.count=0"], "gpus.count", ">= "),
     # precision vs hardware
     (["gpus=cpu", "precision=int4"], "precision.quantization", "a CUDA GPU"),

@@ -37,7 +37,7 @@ def test_plan_json_is_the_plan(cli: Any) -> None:
 def test_does_not_fit_names_fixes_and_exits_5(cli: Any) -> None:
     result = cli("plan", "model=llama-3-70b", "gpus=2x24gib", "precision=bf16")
     assert result.code == 5
-    assert "does not fit: peak" in result.out
+    assert "does not fit: GPU 1 (RTX 4090) would need" in result.out
     assert "error: the deployment does not fit" in result.err
     assert "hint: placement.offload=cpu" in result.err
     assert "GPUs of 24.0 GiB would fit" in result.err
@@ -70,12 +70,14 @@ def test_saved_plan_round_trips_and_refuses_another_fleet(cli: Any, tmp_path: Pa
 def test_seed_guide_map_is_rejected_with_native_names(cli: Any) -> None:
     result = cli("plan", "model=chatglm3-6b", "gpus=2x24gib", "placement=explicit", SEED_GUIDE_MAP)
     assert result.code == 2
-    assert "in this model it is `model.layers.0-13`" in result.err
+    # ChatGLM3's own names are accepted; v1 names and the misspelling get both names.
+    own = "in this model it is `transformer.encoder.layers.0-13` (native `model.layers.0-13`)"
+    assert own in result.err
     assert (
-        "a misspelling of `transformer.final_layernorm`); in this model it is `model.norm`"
-        in result.err
+        "a misspelling of `transformer.final_layernorm`); in this model it is "
+        "`transformer.encoder.final_layernorm` (native `model.norm`)" in result.err
     )
-    assert "in this model it is `lm_head`" in result.err
+    assert "transformer.output_layer" not in result.err
 
 
 def test_correct_explicit_map_passes(cli: Any) -> None:

@@ -29,9 +29,10 @@ REQUIRED = {
     ],
     ("placement", "plan_file"): ["placement.plan_file={plan}"],
     ("launch", "multinode"): ["launch.node_rank=0", "launch.master_addr=127.0.0.1", "parallel=pp2"],
-    # the tiny GLM's 2 KV heads (4 heads) do not split over 4 (8) ranks in transformers
-    ("parallel", "tp4"): ["engine=vllm"],
-    ("parallel", "tp8"): ["model=llama-3-8b"],
+    # The tiny GLM has 2 KV heads: wider TP needs a larger model; transformers cannot do TP × PP.
+    ("parallel", "tp4"): ["model=llama-3-70b"],
+    ("parallel", "tp8"): ["model=llama-3-70b"],
+    ("parallel", "tp2-pp2"): ["engine=vllm"],
 }
 
 

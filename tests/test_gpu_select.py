@@ -12,6 +12,7 @@ from glmdeploy.hardware.gpu_select import (
     AssignedGpu,
     GpuAssignment,
     apply_environment,
+    existing_gpus,
     select_gpus,
     to_logical,
     to_physical,
@@ -123,11 +124,10 @@ def test_cpu_uses_no_gpu_and_leaves_the_environment_alone() -> None:
 
 def test_declared_uses_the_declared_fleet_and_ignores_the_machine() -> None:
     declared = (DeclaredGpu("A100", 80), DeclaredGpu("RTX 3090", 24, (8, 6)))
-    env = {"CUDA_VISIBLE_DEVICES": "garbage", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
-    a = select_gpus(
-        GpuSelection(GpuMode.DECLARED, declared=declared, max_memory_gib={1: 20}), NO_NVML, env
-    )
-    assert a.source == "declared" and a.env == {}
+    selection = GpuSelection(GpuMode.AUTO, declared=declared, max_memory_gib={1: 20})
+    a = select_gpus(selection, existing_gpus(selection, lambda: FLEET), {})
+    assert a.source == "declared" and a.declared
+    assert a.env == {"CUDA_DEVICE_ORDER": PCI, "CUDA_VISIBLE_DEVICES": "0,1"}  # as a run would
     assert a.physical_ids == (0, 1) and to_logical(a, 1) == 1
     assert a.capacity_bytes == {0: 80 * GIB, 1: 20 * GIB}
     assert a.compute_capabilities == {0: (8, 0), 1: (8, 6)}
@@ -137,7 +137,6 @@ def test_declared_uses_the_declared_fleet_and_ignores_the_machine() -> None:
 @pytest.mark.parametrize(
     ("selection", "path"),
     [
-        ({"mode": GpuMode.DECLARED}, "gpus.declared"),
         ({"mode": GpuMode.IDS}, "gpus.ids"),
         ({"mode": GpuMode.LEAST_USED}, "gpus.count"),
         ({"mode": GpuMode.LEAST_USED, "count": 0}, "gpus.count"),

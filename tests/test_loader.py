@@ -204,7 +204,7 @@ def test_gpu_plans_need_cuda_and_real_gpus(cache: Path, monkeypatch: pytest.Monk
     plan = plan_for(dep, config_from_architecture(TINY_ARCH))
     plan = replace(plan, device_map=dict.fromkeys(plan.device_map, 3))
     gpu = AssignedGpu(3, 0, "Fake", "GPU-0", 8 << 30, 8 << 30, (8, 0))
-    declared = GpuAssignment(GpuMode.DECLARED, (gpu,), source="declared")
+    declared = GpuAssignment(GpuMode.AUTO, (gpu,), source="declared")
     with pytest.raises(HardwareError, match="declared GPUs are for planning"):
         load_model(dep, plan, declared, cache_root=cache)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -179,7 +179,7 @@ def test_kv_workspace_and_reserve_are_counted_per_device() -> None:
 def test_user_caps_lower_capacity() -> None:
     anatomy = synthetic([100] * 4)
     plan = plan_placement(
-        deployment(gpus=GpuSelection(GpuMode.DECLARED, max_memory_gib={0: 250 / GIB})),
+        deployment(gpus=GpuSelection(GpuMode.AUTO, max_memory_gib={0: 250 / GIB})),
         anatomy,
         gpus(1000, 1000),
         weights_only=True,

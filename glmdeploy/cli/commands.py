@@ -154,31 +154,37 @@ def cmd_doctor(args: Args) -> int:
 
         deployment = load_deployment(args.overrides, args.source()).deployment
     report = collect_report(deployment)
+    code = ExitCode.OK
     if deployment is not None:
-        report = _with_fit(report, deployment)
+        report, code = _with_fit(report, deployment)
     if args.json:
         print(report.to_json())
     else:
         print(render_report(report))
-    return ExitCode.OK
+    return code
 
 
-def _with_fit(report: DoctorReport, deployment: Deployment) -> DoctorReport:
-    """doctor's answer to 'does this config fit here, and if not why': the planner's verdict."""
+def _with_fit(report: DoctorReport, deployment: Deployment) -> tuple[DoctorReport, ExitCode]:
+    """doctor's answer to 'does this config fit here, and if not why': the planner's verdict,
+    and the exit code that goes with it (5: does not fit, 3: the hardware lacks what it needs)."""
     import dataclasses
 
     from glmdeploy.cli.render import verdict
     from glmdeploy.planning.deployment_plan import DeploymentDoesNotFit, plan_deployment
 
+    code = ExitCode.OK
     try:
-        fit = verdict(plan_deployment(deployment).plan)
+        planned = plan_deployment(deployment)
+        fit = "; ".join(filter(None, (verdict(planned.plan), planned.lacking_here)))
     except DeploymentDoesNotFit as exc:
-        fit = verdict(exc.planned.plan) + "; " + "; ".join(p.message for p in exc.problems)
+        fit = verdict(exc.planned.plan) + "; " + "; ".join(p.message for p in exc.problems[1:])
+        code = exc.exit_code
     except GlmDeployError as exc:
         fit = f"cannot plan: {exc.title}: " + "; ".join(
             f"{p.path}: {p.message}" for p in exc.problems
         )
-    return dataclasses.replace(report, fit=fit)
+        code = exc.exit_code
+    return dataclasses.replace(report, fit=fit), code
 
 
 def cmd_convert(args: Args) -> int:

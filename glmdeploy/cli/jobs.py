@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from glmdeploy.config.settings import Deployment, EngineName
+from glmdeploy.distributed.rules import runs_on_torchrun
 from glmdeploy.problems import ExitCode
 
 if TYPE_CHECKING:
@@ -176,6 +177,18 @@ def job_run(ctx: JobContext) -> None:
     _generate(ctx, _load(ctx, _plan(ctx)))
 
 
+def _launch(ctx: JobContext) -> None:
+    """load/generate/bench/run on torchrun ranks: plan here, then the ranks do the rest."""
+    from glmdeploy.distributed.launcher import LaunchRequest, launch
+
+    if ctx.command == "run":
+        ctx.say(f"glmdeploy run: {ctx.deployment.summary()}")
+    planned = _plan(ctx)
+    request = LaunchRequest(ctx.command, ctx.config, ctx.overrides,
+                            ctx.run_dir or Path.cwd() / "glmdeploy-ranks", ctx.json)  # fmt: skip
+    _step(ctx, "ranks", lambda: launch(planned, request, ctx.results, ctx.say))
+
+
 JOBS: dict[str, Callable[[JobContext], None]] = {
     "plan": job_plan, "load": job_load, "generate": job_generate, "bench": job_bench,
     "run": job_run, "export": job_export, "serve": job_serve,
@@ -196,7 +209,10 @@ def run_job(ctx: JobContext) -> int:
                             progress=not ctx.json)  # fmt: skip
         writer = RecordWriter(ctx.run_dir).start(record)
     try:
-        JOBS[ctx.command](ctx)
+        if ctx.command != "plan" and runs_on_torchrun(ctx.deployment):
+            _launch(ctx)  # tensor/pipeline parallel ranks under torchrun
+        else:
+            JOBS[ctx.command](ctx)
     except BaseException as exc:
         if writer is not None:
             _record_failure(writer, exc, ctx)
@@ -250,8 +266,13 @@ def replay_run(run_dir: Path, *, json_out: bool = False) -> int:
         raise ConfigError([Problem(where, found, one_of(JOBS))], "not a glmdeploy run directory")
     config = dict(record.config)
     plan_json = run_dir / "plan.json"
-    if record.status == "ok" and plan_json.is_file() and isinstance(config.get("placement"), dict):
-        # exactly that plan, refused if mismatched
+    ranks = bool((record.plan or {}).get("parallel"))  # per-rank plans are planned again
+    if (
+        record.status == "ok"
+        and plan_json.is_file()
+        and not ranks
+        and isinstance(config.get("placement"), dict)
+    ):  # exactly that plan, or refused
         placement = {k: v for k, v in config["placement"].items() if k != "map"}
         config["placement"] = {**placement, "strategy": "plan_file", "plan_file": str(plan_json)}
     deployment = validate_dict(config)

@@ -16,8 +16,12 @@ def print_json(payload: Any) -> None:
 def report_error(exc: GlmDeployError, *, as_json: bool) -> None:
     """Print an error's problems to stderr (and as JSON on stdout with --json)."""
     if as_json:
+        from glmdeploy.planning.types import PlanDoesNotFit
+
         payload = {"ok": False, "exit_code": int(exc.exit_code), "error": exc.title,
                    "problems": [p.to_dict() for p in exc.problems]}  # fmt: skip
+        if isinstance(exc, PlanDoesNotFit):  # the best plan, with its verdict
+            payload["plan"] = exc.plan.to_dict()
         print_json(payload)
     print(render_problems(exc.title, exc.problems), file=sys.stderr)
 

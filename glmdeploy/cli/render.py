@@ -6,6 +6,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from glmdeploy.config.settings import GIB, GpuMode
+from glmdeploy.planning.budget import percent
 from glmdeploy.planning.deployment_plan import PlannedDeployment, describe_source
 from glmdeploy.planning.types import Plan, device_label
 
@@ -41,7 +42,7 @@ def plan_table(planned: PlannedDeployment) -> Any:
         )
         if isinstance(row.device, int) and row.device in names:
             label += f"\n{names[row.device]}"
-        util = "—" if row.capacity_bytes == 0 else f"{row.utilisation:.0%}"
+        util = "—" if row.capacity_bytes == 0 else percent(row.utilisation)
         table.add_row(
             label,
             row.units or "(nothing)",
@@ -62,13 +63,8 @@ def _count(n: int) -> str:
 
 
 def verdict(plan: Plan) -> str:
-    used = sum(1 for r in plan.rows if r.weights_bytes)
-    if plan.fits:
-        return (
-            f"fits: {used} device(s) hold weights, peak {plan.max_utilisation:.0%} of budget, "
-            f"{len(plan.hops)} cross-device hop(s) per forward pass"
-        )
-    return f"does not fit: peak {plan.max_utilisation:.0%} of budget"
+    """The plan's verdict line (`Plan.verdict`, decided once by the planner)."""
+    return plan.verdict.sentence
 
 
 def print_plan(planned: PlannedDeployment) -> None:
@@ -85,8 +81,14 @@ def print_plan(planned: PlannedDeployment) -> None:
     if not planned.assignment.devices and dep.gpus.mode is not GpuMode.CPU:
         why = planned.snapshot.nvml_error or "NVML lists none"
         console.print(f"GPUs: none visible ({why}); the CPU runs the model")
-    console.print(plan_table(planned))
     plan = planned.plan
+    if plan.parallel is not None:  # one row per rank
+        from glmdeploy.cli.rank_render import print_split, rank_table
+
+        console.print(rank_table(planned))
+        print_split(console, plan.parallel)
+    else:
+        console.print(plan_table(planned))
     if plan.hops:
         hops = "; ".join(f"{h.before} → {h.after} ({h.source}→{h.target})" for h in plan.hops)
         console.print(f"hops: {hops}")

@@ -98,7 +98,6 @@ def _key_problem(key: str, value: str | None, source: ConfigSource) -> Problem:
             "plan_file": "placement=plan_file",
             "ids": "gpus=ids",
             "count": "gpus=least_used",
-            "declared": "gpus=declared",
             **dict.fromkeys(
                 ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "block_size",
                  "enforce_eager"),
@@ -107,6 +106,8 @@ def _key_problem(key: str, value: str | None, source: ConfigSource) -> Problem:
         }  # fmt: skip
         choose = owner.get(leaf)
         hint = f"choose {choose} first" if choose else f"add it with +{key}={value or '…'}"
+        if parent == "gpus" and choose:  # a declared fleet of the user's may lack the key
+            hint += f", or add it with +{key}={value or '…'}"
         return Problem(key, "not set by the selected option", None, hint)
     hint = did_you_mean(leaf, known)
     return Problem(key, "unknown key", one_of(known), hint)

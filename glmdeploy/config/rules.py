@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from glmdeploy.config.map_rules import map_problems
+from glmdeploy.config.settings import LEGACY_DECLARED_MODE, GpuMode, use_mode
 from glmdeploy.problems import Problem, clip
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -35,7 +36,7 @@ def semantic_problems(doc: Mapping[str, Any], schema_clean: bool = True) -> list
         lambda: _runtime_rules(doc["runtime"], doc["model"]),
         lambda: _launch_rules(doc.get("launch") or {}, doc.get("parallel") or {}),
         lambda: _engine_rules(doc.get("engine") or {}),
-        lambda: _tensor_parallel_rules(doc),
+        lambda: _parallel_rules(doc),
     ]
     out: list[Problem] = []
     for rule in rules:
@@ -107,23 +108,37 @@ def _model_rules(model: Mapping[str, Any], engine: Mapping[str, Any]) -> list[Pr
 
 
 def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
+    """What to use (mode, ids, count) must be one consistent choice among what exists."""
     out: list[Problem] = []
-    mode = gpus["mode"]
-    for key, owner in (("ids", "ids"), ("count", "least_used"), ("declared", "declared")):
-        if mode == owner and key not in gpus:
+    mode, declared = gpus.get("mode", "auto"), gpus.get("declared")
+    ids, count = gpus.get("ids"), gpus.get("count")
+    if mode == LEGACY_DECLARED_MODE and not declared:
+        hint = "describe the fleet: gpus.declared=[{name: A100, memory_gib: 80}], or gpus=2x24gib"
+        out.append(Problem("gpus.declared", "required when gpus.mode=declared", None, hint))
+    for key, value, owner in (("ids", ids, "ids"), ("count", count, "least_used")):
+        if mode == owner and value is None:
             out.append(
                 Problem(f"gpus.{key}", f"required when gpus.mode={mode}", None, f"set gpus.{key}=…")
             )
-        if mode != owner and gpus.get(key) is not None:
+        if mode not in (owner, "auto", LEGACY_DECLARED_MODE) and value is not None:
             out.append(
                 Problem(
                     f"gpus.{key}",
-                    f"only used with gpus={owner}, but gpus.mode={mode}",
+                    f"only used with gpus.mode={owner} (or auto), but gpus.mode={mode}",
                     None,
                     f"choose gpus={owner}, or remove it: ~gpus.{key}",
                 )
             )
-    ids = gpus.get("ids") or []
+    if mode in ("auto", LEGACY_DECLARED_MODE) and ids is not None and count is not None:
+        out.append(
+            Problem(
+                "gpus.count",
+                "gpus.ids and gpus.count both given: use those ids, or the N least used, not both",
+                None,
+                "remove one: ~gpus.count or ~gpus.ids",
+            )
+        )
+    ids = ids or []
     dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dupes:
         out.append(
@@ -134,6 +149,8 @@ def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
                 f"gpus.ids=[{','.join(map(str, dict.fromkeys(ids)))}]",
             )
         )
+    if declared:
+        out += _fleet_rules(len(declared), ids, count)
     allowed = _selected_ids(gpus)
     for key in sorted(gpus.get("max_memory_gib") or {}, key=str):
         if allowed is not None and int(key) not in allowed:
@@ -148,22 +165,40 @@ def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
     return out
 
 
+def _fleet_rules(size: int, ids: list[int], count: int | None) -> list[Problem]:
+    """A declared fleet of `size` GPUs has physical ids 0..size-1: selections must fit in it."""
+    out: list[Problem] = []
+    fleet = f"declared: {', '.join(map(str, range(size)))}"
+    for gpu_id in sorted({i for i in ids if i >= size}):
+        out.append(
+            Problem(
+                "gpus.ids",
+                f"GPU {gpu_id} is not in the declared fleet",
+                fleet,
+                f"gpus.declared lists {size} GPU(s), numbered from 0",
+            )
+        )
+    if count is not None and count > size:
+        message = f"{count} GPUs requested, the declared fleet has {size}"
+        out.append(Problem("gpus.count", message, f"at most {size}", None))
+    return out
+
+
 def _selected_ids(gpus: Mapping[str, Any]) -> set[int] | None:
-    """Physical ids the config names, or None where only the hardware knows (auto, least_used)."""
-    mode = gpus["mode"]
-    if mode == "ids":
+    """Physical ids the config may use, or None where only the hardware knows (probed GPUs)."""
+    mode = use_mode(gpus.get("mode", "auto"), gpus.get("ids"), gpus.get("count"))
+    if mode is GpuMode.IDS:
         return set(gpus.get("ids") or [])
-    if mode == "declared":
-        return set(range(len(gpus.get("declared") or [])))
-    if mode == "cpu":
+    if mode is GpuMode.CPU:
         return set()
-    return None
+    declared = gpus.get("declared")
+    return set(range(len(declared))) if declared else None
 
 
 def _precision_rules(precision: Mapping[str, Any], gpus: Mapping[str, Any]) -> list[Problem]:
     out: list[Problem] = []
     quant = precision.get("quantization", "none")
-    if quant != "none" and gpus["mode"] == "cpu":
+    if quant != "none" and gpus.get("mode") == "cpu":
         out.append(
             Problem(
                 "precision.quantization",
@@ -172,10 +207,11 @@ def _precision_rules(precision: Mapping[str, Any], gpus: Mapping[str, Any]) -> l
                 "choose precision=bf16 or fp32 on CPU",
             )
         )
-    if precision["dtype"] == "bf16" and gpus["mode"] == "declared":
-        for i, gpu in enumerate(gpus.get("declared") or []):
+    selected = _selected_ids(gpus)
+    if precision["dtype"] == "bf16" and gpus.get("declared") and selected:
+        for i, gpu in enumerate(gpus["declared"]):
             cc = tuple(gpu.get("compute_capability", (8, 0)))
-            if cc < (8, 0):
+            if i in selected and cc < (8, 0):
                 out.append(
                     Problem(
                         "precision.dtype",
@@ -226,7 +262,7 @@ def _placement_rules(
     if strategy == "explicit" and placement.get("map"):
         arch = model.get("architecture")
         layers = arch.get("num_hidden_layers") if isinstance(arch, Mapping) else None
-        offload, mode = placement.get("offload", "none"), gpus["mode"]
+        offload, mode = placement.get("offload", "none"), gpus.get("mode", "auto")
         out += map_problems(placement["map"], offload, mode, _selected_ids(gpus), layers)
     return out
 
@@ -266,6 +302,40 @@ def _launch_rules(launch: Mapping[str, Any], parallel: Mapping[str, Any]) -> lis
     return out
 
 
+def _parallel_rules(doc: Mapping[str, Any]) -> list[Problem]:
+    """Tensor/pipeline parallelism on transformers (`glmdeploy.distributed.rules`)."""
+    from glmdeploy.distributed import rules
+
+    parallel, gpus = doc.get("parallel") or {}, doc["gpus"]
+    if (doc.get("engine") or {}).get("name", "transformers") != "transformers":
+        return []  # vLLM's own rules: glmdeploy.engines.vllm
+    request = rules.ParallelRequest(
+        parallel.get("tp_size", 1), parallel.get("pp_size", 1), doc["placement"]["strategy"],
+        doc["placement"].get("offload", "none"), doc["precision"].get("quantization", "none"),
+    )  # fmt: skip
+    arch = doc["model"].get("architecture")
+    facts = None
+    if isinstance(arch, Mapping):
+        facts = rules.ModelFacts(
+            arch["model_type"], arch["num_attention_heads"], arch["num_key_value_heads"],
+            arch["intermediate_size"], arch["num_hidden_layers"],
+            arch.get("moe_intermediate_size") if arch.get("n_routed_experts") else None,
+        )  # fmt: skip
+    nnodes = (doc.get("launch") or {}).get("nnodes", 1)
+    out = rules.transformers_parallel_problems(request, facts, rules.installed_transformers())
+    return out + rules.gpu_count_problems(request.world_size, nnodes, _gpu_count(gpus))
+
+
+def _gpu_count(gpus: Mapping[str, Any]) -> int | None:
+    """How many GPUs the config selects, or None where only the hardware knows."""
+    mode = use_mode(gpus.get("mode", "auto"), gpus.get("ids"), gpus.get("count"))
+    if mode is GpuMode.LEAST_USED:
+        count = gpus.get("count")
+        return int(count) if isinstance(count, int) else None
+    selected = _selected_ids(gpus)
+    return len(selected) if selected is not None else None
+
+
 _VLLM_KEYS = ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "block_size",
               "enforce_eager")  # fmt: skip
 
@@ -283,25 +353,6 @@ def _engine_rules(engine: Mapping[str, Any]) -> list[Problem]:
         for key in _VLLM_KEYS
         if key in engine
     ]
-
-
-def _tensor_parallel_rules(doc: Mapping[str, Any]) -> list[Problem]:
-    """transformers' TP splits q and k/v heads evenly (no KV replication); vLLM replicates KV."""
-    tp = (doc.get("parallel") or {}).get("tp_size", 1)
-    arch = doc["model"].get("architecture")
-    if tp == 1 or (doc.get("engine") or {}).get("name") == "vllm" or not isinstance(arch, Mapping):
-        return []
-    heads, kv = arch["num_attention_heads"], arch["num_key_value_heads"]
-    out = []
-    for what, n in (("attention heads", heads), ("KV heads", kv)):
-        if n % tp:
-            vllm_can = what == "KV heads" and heads % tp == 0 and tp % kv == 0
-            hint = ("engine=vllm replicates KV heads when tp exceeds them (glmdeploy export vllm …)"
-                    if vllm_can else f"parallel.tp_size=<a divisor of {n}>")  # fmt: skip
-            message = (f"{tp}, but the model's {n} {what} do not divide by it: transformers' "
-                       "tensor parallelism gives every rank whole heads")  # fmt: skip
-            out.append(Problem("parallel.tp_size", message, f"a divisor of {n}", hint))
-    return out
 
 
 def _runtime_rules(runtime: Mapping[str, Any], model: Mapping[str, Any]) -> list[Problem]:

@@ -35,11 +35,26 @@ class CheckpointLayout(enum.StrEnum):
 
 
 class GpuMode(enum.StrEnum):
-    AUTO = "auto"  # every GPU this process can see
+    """Which of the GPUs that exist (`gpus.declared`, else this machine's) the deployment uses."""
+
+    AUTO = "auto"  # every one this process may see (CUDA_VISIBLE_DEVICES narrows it)
     IDS = "ids"  # the physical ids in `gpus.ids`
-    LEAST_USED = "least_used"  # the `gpus.count` GPUs with the least memory in use
+    LEAST_USED = "least_used"  # the `gpus.count` ones with the least memory in use
     CPU = "cpu"  # no GPU at all
-    DECLARED = "declared"  # a fleet described in `gpus.declared`, for planning without the hardware
+
+
+LEGACY_DECLARED_MODE = "declared"  # older option files: the same as auto on `gpus.declared`
+
+
+def use_mode(mode: str, ids: object, count: object) -> GpuMode:
+    """The typed `gpus.mode`: `auto` (and the legacy `declared`) narrow to `ids` when `gpus.ids`
+    is given and to `least_used` when `gpus.count` is, so `gpus=8x80gib gpus.ids=[2,3]` reads as
+    written."""
+    if mode in (GpuMode.AUTO, LEGACY_DECLARED_MODE):
+        if ids is not None:
+            return GpuMode.IDS
+        return GpuMode.AUTO if count is None else GpuMode.LEAST_USED
+    return GpuMode(mode)
 
 
 class Dtype(enum.StrEnum):
@@ -145,11 +160,34 @@ class DeclaredGpu:
 
 @dataclass(frozen=True)
 class GpuSelection:
-    mode: GpuMode
+    """What exists (`declared`, else this machine's GPUs as NVML reports them) and what to use."""
+
+    mode: GpuMode = GpuMode.AUTO
     ids: tuple[int, ...] = ()  # physical ids as nvidia-smi shows them (mode=ids)
     count: int | None = None  # mode=least_used
-    declared: tuple[DeclaredGpu, ...] = ()  # mode=declared; physical ids are 0..n-1
+    declared: tuple[DeclaredGpu, ...] = ()  # a fleet planned for instead of probing; ids 0..n-1
     max_memory_gib: Mapping[int, float] = field(default_factory=dict)  # physical id -> cap
+
+    def describe(self) -> str:
+        """`all visible GPUs`, `GPUs 2, 3 of 8 × 80 GiB (declared)`, `CPU`, …"""
+        fleet = _fleet_text(self.declared)
+        used = {
+            GpuMode.AUTO: fleet or "all visible GPUs",
+            GpuMode.IDS: f"GPU{'s' if len(self.ids) > 1 else ''} {', '.join(map(str, self.ids))}",
+            GpuMode.LEAST_USED: f"{self.count} least used GPU(s)",
+            GpuMode.CPU: "CPU",
+        }[self.mode]
+        if fleet and self.mode in (GpuMode.IDS, GpuMode.LEAST_USED):
+            used += f" of {fleet}"
+        return used
+
+
+def _fleet_text(declared: tuple[DeclaredGpu, ...]) -> str:
+    if not declared:
+        return ""
+    sizes = [f"{d.memory_gib:g} GiB" for d in declared]
+    same = len(set(sizes)) == 1 and len(sizes) > 2
+    return (f"{len(sizes)} × {sizes[0]}" if same else " + ".join(sizes)) + " (declared)"
 
 
 @dataclass(frozen=True)
@@ -262,15 +300,7 @@ class Deployment:
 
     def summary(self) -> str:
         """One line for humans: model, GPUs, precision, placement, context."""
-        g = self.gpus
-        gpus = {
-            GpuMode.AUTO: "all visible GPUs",
-            GpuMode.IDS: f"GPUs {', '.join(map(str, g.ids))}",
-            GpuMode.LEAST_USED: f"{g.count} least used GPU(s)",
-            GpuMode.CPU: "CPU",
-            GpuMode.DECLARED: " + ".join(f"{d.memory_gib:g} GiB" for d in g.declared)
-            + " (declared)",
-        }[g.mode]
+        gpus = self.gpus.describe()
         quant = (
             ""
             if self.precision.quantization is Quantization.NONE
@@ -313,7 +343,7 @@ def deployment_from_dict(cfg: Mapping[str, Any]) -> Deployment:
             architecture=Architecture(**arch) if arch else None,
         ),
         gpus=GpuSelection(
-            mode=GpuMode(g["mode"]),
+            mode=use_mode(g.get("mode", "auto"), g.get("ids"), g.get("count")),
             ids=_tuple(g.get("ids")),
             count=g.get("count"),
             declared=tuple(

@@ -19,7 +19,7 @@ from typing import Any
 
 from glmdeploy.config.settings import GIB, Deployment, GpuMode, GpuSelection
 from glmdeploy.hardware.environment import package_versions, relevant_environment
-from glmdeploy.hardware.gpu_select import GpuAssignment, select_gpus
+from glmdeploy.hardware.gpu_select import GpuAssignment, existing_gpus, select_gpus
 from glmdeploy.hardware.nvml import GpuInfo, HardwareSnapshot, Nvml, probe
 from glmdeploy.problems import GlmDeployError
 
@@ -71,8 +71,10 @@ def collect_report(
     facts = torch_cuda if torch_cuda is not None else read_torch_cuda()
     selection, findings = None, []
     if deployment is not None:
-        try:
-            selection = select_gpus(deployment.gpus, snapshot, env)
+        try:  # among the GPUs the deployment says exist: a declared fleet, else these
+            selection = select_gpus(
+                deployment.gpus, existing_gpus(deployment.gpus, lambda: snapshot), env
+            )
         except GlmDeployError as exc:
             findings += [f"config: {p.path}: {p.message}" for p in exc.problems]
     return DoctorReport(
@@ -130,7 +132,7 @@ def diagnose(facts: TorchCuda, snapshot: HardwareSnapshot, env: Mapping[str, str
     if snapshot.source == "none":
         found.append(
             f"NVML unavailable ({snapshot.nvml_error}): glmdeploy sees no GPU here; "
-            "gpus=declared still plans for a described fleet"
+            "a declared fleet (gpus=2x24gib, or gpus.declared=[…]) still plans without GPUs"
         )
     if gpus and facts.installed and facts.build is None:
         found.append(
@@ -195,8 +197,10 @@ def render_report(report: DoctorReport) -> str:
             used = _gib(proc.used_bytes) if proc.used_bytes is not None else "? GiB"
             lines.append(f"     pid {proc.pid} {proc.name}: {used}")
     if report.selection is not None:
-        pairs = [f"GPU {d.physical_id} -> cuda:{d.logical_id}" for d in report.selection.devices]
-        lines.append(f"- selection ({report.selection.mode}): {', '.join(pairs) or 'no GPU'}")
+        selection = report.selection
+        pairs = [f"GPU {d.physical_id} -> cuda:{d.logical_id}" for d in selection.devices]
+        kind = f"{selection.mode}, declared fleet" if selection.declared else str(selection.mode)
+        lines.append(f"- selection ({kind}): {', '.join(pairs) or 'no GPU'}")
     lines.append("- environment:")
     lines += [f"    {k}={'(unset)' if v is None else v}" for k, v in report.environment.items()]
     lines.append("- findings:" + ("" if report.findings else " none"))

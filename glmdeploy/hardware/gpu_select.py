@@ -1,10 +1,13 @@
 """Which physical GPUs this process uses, as which logical ids, and the environment for that.
 
-Configs name GPUs by physical id (nvidia-smi's numbers = NVML indices). glmdeploy sets
-`CUDA_DEVICE_ORDER=PCI_BUS_ID` and `CUDA_VISIBLE_DEVICES=<selected ids, ascending>`, so the process
-sees them as `cuda:0..k-1` in the same order; `to_logical`/`to_physical` convert. An existing
-`CUDA_VISIBLE_DEVICES` (ids or `GPU-` UUIDs; a negative entry ends it, as in CUDA) restricts the
-choice; see `select_gpus`. Modes `cpu` and `declared` leave the environment alone.
+Two questions, answered apart: what exists (`existing_gpus`: a declared fleet, else this machine's
+GPUs from NVML) and what to use of it (`select_gpus`: all, physical ids, or the N least used), so
+every combination works, a declared fleet with `gpus.ids` or `CUDA_VISIBLE_DEVICES` included.
+Configs name GPUs by physical id (nvidia-smi's numbers = NVML indices; GPU i of a declared fleet).
+glmdeploy sets `CUDA_DEVICE_ORDER=PCI_BUS_ID` and `CUDA_VISIBLE_DEVICES=<selected ids, ascending>`,
+so the process sees them as `cuda:0..k-1` in the same order; `to_logical`/`to_physical` convert. An
+existing `CUDA_VISIBLE_DEVICES` (ids or `GPU-` UUIDs; a negative entry ends it, as in CUDA)
+restricts the choice; see `select_gpus`. Mode `cpu` leaves the environment alone.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from glmdeploy.hardware.nvml import (
     SnapshotSource,
     cuda_devices_in_use,
     declared_snapshot,
+    probe,
     uuid_key,
 )
 from glmdeploy.problems import ConfigError, HardwareError, Problem
@@ -59,6 +63,11 @@ class GpuAssignment:
     source: SnapshotSource = "nvml"
 
     @property
+    def declared(self) -> bool:
+        """The GPUs are a declared fleet: plannable, never loadable."""
+        return self.source == "declared"
+
+    @property
     def physical_ids(self) -> tuple[int, ...]:
         return tuple(d.physical_id for d in self.devices)
 
@@ -75,28 +84,35 @@ class GpuAssignment:
         return {d.physical_id: d.compute_capability for d in self.devices}
 
 
+def existing_gpus(
+    selection: GpuSelection, probe_machine: Callable[[], HardwareSnapshot] = probe
+) -> HardwareSnapshot:
+    """What exists: the declared fleet, else this machine's GPUs (NVML); none for `gpus=cpu`."""
+    if selection.declared:
+        return declared_snapshot(selection.declared)
+    if selection.mode is GpuMode.CPU:
+        return HardwareSnapshot((), None, None, None, "none")
+    return probe_machine()
+
+
 def select_gpus(
     selection: GpuSelection, snapshot: HardwareSnapshot, env: Mapping[str, str]
 ) -> GpuAssignment:
-    """Decide the GPUs for `selection` on `snapshot`, given the environment the process has.
+    """Decide the GPUs for `selection` among those in `snapshot` (what exists: `existing_gpus`),
+    given the environment the process has.
 
-    An existing `CUDA_VISIBLE_DEVICES` in `env` restricts the GPUs that may be chosen: `auto` takes
-    exactly those, `least_used` picks among them, and `gpus.ids` must be a subset. Its entries are
-    physical ids or GPU UUIDs (unique prefixes too); empty or `-1` allows none. Integer entries and
-    `gpus.ids` are PCI bus ids: a `CUDA_DEVICE_ORDER` other than `PCI_BUS_ID` conflicts with them.
+    An existing `CUDA_VISIBLE_DEVICES` in `env` restricts the GPUs that may be chosen, on a
+    declared fleet as on this machine: `auto` takes exactly those, `least_used` picks among them,
+    and `gpus.ids` must be a subset. Its entries are physical ids or GPU UUIDs (unique prefixes
+    too); empty or `-1` allows none. Integer entries and `gpus.ids` are PCI bus ids: a
+    `CUDA_DEVICE_ORDER` other than `PCI_BUS_ID` conflicts with them.
 
     Raises:
-        ConfigError: the selection is incomplete (no ids, no count, no declared GPUs).
+        ConfigError: the selection is incomplete (no ids, no count).
         HardwareError: the GPUs asked for are not there or not allowed; every problem at once.
     """
     if selection.mode == GpuMode.CPU:
         return GpuAssignment(GpuMode.CPU, (), {}, snapshot.source)
-    if selection.mode == GpuMode.DECLARED:
-        if not selection.declared:
-            hint = "add entries like {name: A100, memory_gib: 80}"
-            raise ConfigError([Problem("gpus.declared", "no GPUs declared", "a list", hint)])
-        fleet = declared_snapshot(selection.declared)
-        return _assign(selection, fleet, fleet.ids, fleet.ids, {}, [])
     allowed, problems = _allowed_ids(snapshot, env)
     # `candidates`: the GPUs this selection could use; memory caps must name one of them.
     if selection.mode == GpuMode.AUTO:
@@ -210,7 +226,7 @@ def _allowed_ids(
             if _order_is_not_pci(env):
                 bad(_ORDER_CONFLICT.format(env[ORDER]), "GPU UUIDs, or PCI_BUS_ID order")
             elif snapshot.gpu(int(entry)) is None:
-                bad(f"GPU {int(entry)} is not on this machine", _visible(snapshot))
+                bad(f"GPU {int(entry)} is not {_where(snapshot)}", _visible(snapshot))
             else:
                 found = int(entry)
         elif entry.upper().startswith("GPU-"):
@@ -251,7 +267,9 @@ def _check_ids(
     for gpu_id in dict.fromkeys(ids):
         if snapshot.gpu(gpu_id) is None:
             hint = "run `glmdeploy doctor`, or choose gpus=auto"
-            bad(f"GPU {gpu_id} is not on this machine", _visible(snapshot), hint)
+            if snapshot.source == "declared":
+                hint = f"gpus.declared lists {len(snapshot.gpus)} GPU(s), numbered from 0"
+            bad(f"GPU {gpu_id} is not {_where(snapshot)}", _visible(snapshot), hint)
         elif gpu_id not in allowed:
             hint = f"choose ids among the allowed ones, or unset {VISIBLE}"
             message = f"GPU {gpu_id} is hidden by {VISIBLE}={env.get(VISIBLE, '')}"
@@ -278,7 +296,13 @@ def _order_is_not_pci(env: Mapping[str, str]) -> bool:
     return ORDER in env and env[ORDER].strip() != "PCI_BUS_ID"
 
 
+def _where(snapshot: HardwareSnapshot) -> str:
+    return "in the declared fleet" if snapshot.source == "declared" else "on this machine"
+
+
 def _visible(snapshot: HardwareSnapshot) -> str:
+    if snapshot.source == "declared":
+        return f"declared: {_ids(snapshot.ids)}"
     reason = f" (NVML: {snapshot.nvml_error})" if snapshot.nvml_error else ""
     return f"visible: {_ids(snapshot.ids)}{reason}"
 

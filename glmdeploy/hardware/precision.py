@@ -87,6 +87,74 @@ class ResolvedPrecision:
         }
 
 
+@dataclass(frozen=True)
+class QuantizationSupport:
+    """Whether int8/int4 (bitsandbytes on CUDA GPUs) can run on the GPUs a plan is for.
+
+    Attributes:
+        runs: they can run there. Declared GPUs are assumed to; this machine's selected GPUs only
+            with bitsandbytes installed; never without a GPU.
+        missing_here: what this machine lacks to run them ("a CUDA GPU", "bitsandbytes").
+        declared: the plan is for a declared fleet, not for this machine.
+    """
+
+    runs: bool
+    missing_here: tuple[str, ...] = ()
+    declared: bool = False
+
+    def refusal(self, quant: Quantization) -> Problem:
+        """Why `quant` cannot be planned for this machine."""
+        lacking = " and ".join(self.missing_here)
+        why = f"this machine lacks {lacking}" if lacking else "no GPU is selected"
+        return Problem(
+            "precision.quantization",
+            f"{quant} runs on CUDA GPUs through bitsandbytes; {why}",
+            expected="quantization=none here",
+            hint="precision.quantization=none; or plan for a declared fleet (e.g. gpus=2x24gib), "
+            "or on a machine with a CUDA GPU and bitsandbytes",
+        )
+
+    def note(self, quant: Quantization) -> str | None:
+        """What a plan with `quant` assumes that this machine cannot do (None: nothing)."""
+        if quant is Quantization.NONE or not self.missing_here:
+            return None
+        return (
+            f"{quant} assumes the declared GPUs run bitsandbytes; this machine lacks "
+            f"{' and '.join(self.missing_here)}, so it can plan this deployment but not load it"
+        )
+
+
+ASSUMED = QuantizationSupport(runs=True)  # planning for invented devices: assume it runs
+
+
+def quantization_support(
+    assignment: GpuAssignment,
+    *,
+    machine_has_gpu: bool | None = None,
+    bitsandbytes: bool | None = None,
+) -> QuantizationSupport:
+    """Whether int8/int4 can run on `assignment`'s GPUs, and what this machine lacks for them.
+
+    Nothing here initialises CUDA: this machine has a GPU when NVML lists one (for a probed
+    assignment: when it selected one). `machine_has_gpu` and `bitsandbytes` replace the real
+    checks in tests.
+    """
+    if bitsandbytes is None:
+        bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+    if machine_has_gpu is None:
+        if assignment.declared:
+            from glmdeploy.hardware.nvml import probe
+
+            machine_has_gpu = bool(probe().gpus)
+        else:
+            machine_has_gpu = bool(assignment.devices)
+    lacks = [("a CUDA GPU", machine_has_gpu), ("bitsandbytes", bitsandbytes)]
+    missing = tuple(what for what, present in lacks if not present)
+    if assignment.declared:
+        return QuantizationSupport(bool(assignment.devices), missing, declared=True)
+    return QuantizationSupport(not missing, missing)
+
+
 def torch_dtype(dtype: Dtype) -> Any:
     """`torch.bfloat16` / `torch.float16` / `torch.float32` for a concrete dtype."""
     import torch

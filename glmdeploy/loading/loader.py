@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from glmdeploy.config.rules import is_pinned
-from glmdeploy.config.settings import CheckpointLayout, Deployment, GpuMode, ModelSource, SourceKind
+from glmdeploy.config.settings import CheckpointLayout, Deployment, ModelSource, SourceKind
 from glmdeploy.hardware.gpu_select import GpuAssignment, apply_environment, to_logical
 from glmdeploy.hardware.precision import ResolvedPrecision, resolve_precision, selected_gpus
 from glmdeploy.loading import verify
@@ -124,8 +124,9 @@ def load_model(
         DoesNotFitError: a GPU ran out of memory while loading.
     """
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    if assignment.mode is GpuMode.DECLARED:
-        hint = "declared GPUs are for planning: load with gpus=auto, gpus=ids or gpus=cpu"
+    if assignment.declared:
+        hint = "declared GPUs are for planning: load on this machine's GPUs (remove "
+        hint += "gpus.declared: gpus=auto, gpus=ids …) or with gpus=cpu"
         raise HardwareError([Problem("gpus", "cannot load on declared GPUs", hint=hint)])
     logical = logical_device_map(plan, assignment)
     devices = set(logical.values())

@@ -74,6 +74,13 @@ def legacy_module_to_native(name: str) -> str | None:
     return found[1] if found else None
 
 
+def checkpoint_module_to_native(name: str) -> str | None:
+    """The native module for a ChatGLM2/3 checkpoint's own module name, or None (a name of
+    another generation, no single native module, or not a legacy name at all)."""
+    found = lookup(name)
+    return found[1] if found is not None and found[0] == LEGACY else None
+
+
 def native_module_to_legacy(name: str) -> str | None:
     """The ChatGLM2/3 remote-code module for a native `GlmForCausalLM` module name, or None."""
     if name in _TO_LEGACY:
@@ -86,20 +93,22 @@ def native_module_to_legacy(name: str) -> str | None:
     return f"{block}.{_CHILDREN_TO_LEGACY[child]}" if child else block
 
 
-def module_name_hint(name: str) -> str | None:
+def module_name_hint(name: str, *, legacy_checkpoint: bool = False) -> str | None:
     """A sentence for a module name from another ChatGLM generation, or None for other names.
 
     Example: "`transformer.layers.0` is a ChatGLM-6B (v1) name; in this model it is
-    `model.layers.0`".
+    `model.layers.0`". For a ChatGLM2/3 checkpoint (`legacy_checkpoint`), whose own names are
+    accepted too, it gives the checkpoint's name as well.
     """
     found = lookup(name)
     if found is None:
         return None
     generation, native = found
+    names = _names(native, legacy_checkpoint)
     if generation == "seed guide":
         return (
             f"`{name}` exists in no ChatGLM generation (a misspelling of "
-            f"`transformer.final_layernorm`); in this model it is `model.norm`"
+            f"`transformer.final_layernorm`); in this model it is {names}"
         )
     if native is None:
         block = re.sub(r"^transformer\.(encoder\.)?layers\.(\d+).*", r"model.layers.\2", name)
@@ -107,4 +116,9 @@ def module_name_hint(name: str) -> str | None:
             f"`{name}` is a {generation} name; in this model it is split into "
             f"`{block}.self_attn.q_proj`, `k_proj` and `v_proj` (inside the block `{block}`)"
         )
-    return f"`{name}` is a {generation} name; in this model it is `{native}`"
+    return f"`{name}` is a {generation} name; in this model it is {names}"
+
+
+def _names(native: str | None, legacy_checkpoint: bool) -> str:
+    own = native_module_to_legacy(native or "") if legacy_checkpoint else None
+    return f"`{own}` (native `{native}`)" if own else f"`{native}`"

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from glmdeploy.config.settings import Architecture, CheckpointLayout, ModelSpec
+from glmdeploy.config.settings import Architecture, CheckpointLayout, ModelSpec, SourceKind
 from glmdeploy.problems import ConfigError, LoadError, Problem
 
 MODELING_SOURCE = "modeling_chatglm.py"  # read as text to tell how rope_ratio is used, never run
@@ -92,6 +92,22 @@ def modeling_source(directory: Path) -> str | None:
     """The text of a legacy checkpoint's `modeling_chatglm.py`, if it has one (never executed)."""
     path = Path(directory) / MODELING_SOURCE
     return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+
+
+def checkpoint_layout(model: ModelSpec) -> CheckpointLayout:
+    """How the checkpoint names its tensors: `chatglm` when configured, or when a local
+    checkpoint's config.json says `model_type: chatglm`; else `native`."""
+    if model.source.layout is CheckpointLayout.CHATGLM:
+        return CheckpointLayout.CHATGLM
+    if model.source.kind is not SourceKind.LOCAL or not model.source.path:
+        return CheckpointLayout.NATIVE
+    from glmdeploy.model.legacy_chatglm import is_legacy_chatglm
+
+    try:
+        raw = read_config_json(Path(model.source.path).expanduser())
+    except LoadError:  # reported where the config is read for planning
+        return CheckpointLayout.NATIVE
+    return CheckpointLayout.CHATGLM if is_legacy_chatglm(raw) else CheckpointLayout.NATIVE
 
 
 def hf_config_for(model: ModelSpec) -> Any:

@@ -184,16 +184,22 @@ class _Tallies:
             return
         if kind == "params":
             self.n_params[unit] += tensor.numel()
+        acc = self.acc[unit][kind]
+        for i, count in enumerate(_counts(self.tally(name, tensor, kind))):
+            acc[i] += count
         category = self._category(name, tensor)
-        acc, numel = self.acc[unit][kind], tensor.numel()
-        if category == "other_bytes":
-            numel *= tensor.element_size()
-        acc[_FIELDS.index(category)] += numel
-        if category == "compute" and kind == "params" and name in self.linear_rows:
-            acc[_FIELDS.index("linear")] += numel
-            acc[_FIELDS.index("linear_rows")] += self.linear_rows[name]
-            acc[_FIELDS.index("linear_blocks")] += -(-numel // INT4_BLOCK)
         self.signature.append(f"{name}:{tuple(tensor.shape)}:{category}:{kind}")
+
+    def tally(self, name: str, tensor: Any, kind: str) -> Tally:
+        """One tensor's own counts by dtype rule (what `add` adds to its unit)."""
+        counts = dict.fromkeys(_FIELDS, 0)
+        category = self._category(name, tensor)
+        numel = tensor.numel()
+        counts[category] = numel * tensor.element_size() if category == "other_bytes" else numel
+        if category == "compute" and kind == "params" and name in self.linear_rows:
+            counts.update(linear=numel, linear_rows=self.linear_rows[name],
+                          linear_blocks=-(-numel // INT4_BLOCK))  # fmt: skip
+        return Tally(**counts)
 
     def _category(self, name: str, tensor: Any) -> str:
         """The `Tally` field: bf16 tensors were created in the default dtype (follow the compute
@@ -207,6 +213,21 @@ class _Tallies:
                 return "fp32_if_fp16"
             return "compute"
         return "fp32" if tensor.dtype == torch.float32 else "other_bytes"
+
+
+def tensor_tallies(model: Any) -> dict[str, Tally]:
+    """Each distinct parameter's and buffer's own `Tally`, by name (a tied parameter once, under its
+    first name): per tensor, the counts that `anatomy_from_config` sums per unit."""
+    no_split = set(model._no_split_modules or ())
+    units, _ = _find_units(model, no_split)
+    tallies = _Tallies(model, no_split, units)
+    out = {name: tallies.tally(name, p, "params") for name, p in model.named_parameters()}
+    out.update({name: tallies.tally(name, b, "buffers") for name, b in model.named_buffers()})
+    return out
+
+
+def _counts(tally: Tally) -> list[int]:
+    return [getattr(tally, name) for name in _FIELDS]
 
 
 def _find_units(model: Any, no_split: set[str]) -> tuple[dict[str, Any], list[str]]:

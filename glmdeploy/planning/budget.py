@@ -20,12 +20,14 @@ from glmdeploy.planning.types import (
     Fingerprint,
     Hop,
     Plan,
+    Verdict,
     device_label,
     summarise,
 )
 
 PCIE_BYTES_PER_S = 25e9  # PCIe 4.0 x16, effective host-to-device
 DISK_BYTES_PER_S = 2e9  # a fast NVMe SSD
+RAM_BYTES_PER_S = 50e9  # a desktop's dual-channel DDR5 (servers have more): CPU decoding's bound
 TOLERANCE = 1e-9
 
 
@@ -80,14 +82,8 @@ def assemble(
         rows.append(_row(spec, anatomy, memory, units, weights, kv, workspace, reserve, capacity))
     stray = [k for k in on if k not in gpu_keys and k not in {s.key for s in offload_devices}]
 
-    gpu_utils = [r.utilisation for r in rows if isinstance(r.device, int)]
-    fits = not stray and len(assignment) == len(anatomy.units)
-    fits = fits and all(u <= 1 + TOLERANCE for u in gpu_utils)
-    fits = fits and all(
-        r.capacity_bytes == 0 or r.total_bytes <= r.capacity_bytes
-        for r in rows
-        if not isinstance(r.device, int)
-    )
+    complete = not stray and len(assignment) == len(anatomy.units)
+    plan_hops = hops(anatomy, assignment)
     offloaded_bytes = sum(memory.unit_weights[i] - memory.unit_buffers[i] for i in offloaded)
     all_notes = [*notes, *_notes(anatomy, memory, assignment, on, offloaded_bytes, execution)]
     if stray:
@@ -96,13 +92,57 @@ def assemble(
         strategy=strategy,
         device_map={n: assignment[n] for n in anatomy.names if n in assignment},
         rows=tuple(rows),
-        hops=hops(anatomy, assignment),
-        fits=fits,
-        max_utilisation=max(gpu_utils, default=0.0),
+        hops=plan_hops,
+        verdict=judge(rows, plan_hops, complete=complete),
         notes=tuple(all_notes),
         fingerprint=fingerprint,
         offloaded_bytes=offloaded_bytes,
     )
+
+
+def judge(rows: Sequence[BudgetRow], plan_hops: Sequence[Hop], *, complete: bool) -> Verdict:
+    """The plan's one verdict: does it fit, which device binds, and how tightly.
+
+    Every GPU has a budget (capacity − reserve); cpu and disk have one when their capacity is
+    known (not 0). The binding device is the most utilised of those; the plan fits when every unit
+    is placed where it may go (`complete`) and no budget is exceeded.
+    """
+    budgeted = [r for r in rows if isinstance(r.device, int) or r.capacity_bytes > 0]
+    binding = max(budgeted, key=lambda r: r.utilisation, default=None)
+    within = all(r.utilisation <= 1 + TOLERANCE for r in budgeted)
+    utilisation = binding.utilisation if binding is not None else 0.0
+    device = binding.device if binding is not None else None
+    if complete and within:
+        holding = sum(1 for r in rows if r.weights_bytes)
+        peak = (
+            f"peak {percent(utilisation)} of budget ({device_label(binding.device)})"
+            if binding is not None
+            else "no device with a known budget"
+        )
+        sentence = (
+            f"fits: {holding} device(s) hold weights, {peak}, "
+            f"{len(plan_hops)} cross-device hop(s) per forward pass"
+        )
+        return Verdict(True, device, utilisation, sentence)
+    if binding is not None and not within:
+        sentence = (
+            f"does not fit: {device_label(binding.device)} ({binding.name}) would need "
+            f"{size(binding.total_bytes)} of its {size(binding.capacity_bytes)} "
+            f"({percent(utilisation)} of budget)"
+        )
+    else:
+        sentence = "does not fit: units are unplaced or on devices that offload does not allow"
+    return Verdict(False, device, utilisation, sentence)
+
+
+def size(nbytes: float) -> str:
+    """`17.5 GiB`; below 0.1 GiB in MiB (`0.8 MiB`), so small models show real numbers."""
+    return f"{nbytes / GIB:.1f} GiB" if abs(nbytes) >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def percent(utilisation: float) -> str:
+    """A utilisation as the table shows it: `55%`, `∞` when there is no budget at all."""
+    return "∞" if math.isinf(utilisation) else f"{utilisation:.0%}"
 
 
 def hops(anatomy: Anatomy, assignment: Mapping[str, DeviceKey]) -> tuple[Hop, ...]:
@@ -167,7 +207,12 @@ def _notes(
 ) -> list[str]:
     notes: list[str] = []
     if execution == "cpu" and not any(isinstance(k, int) for k in on):
-        notes.append("no unit is on a GPU: the CPU runs the whole model")
+        ram = sum(memory.unit_weights[i] for i in on.get("cpu", []))
+        notes.append(
+            f"no unit is on a GPU: the CPU runs the whole model, reading its {size(ram)} "
+            f"of weights in RAM for every generated token: ≥ {milliseconds(ram / RAM_BYTES_PER_S)} "
+            f"ms/token at {RAM_BYTES_PER_S / 1e9:.0f} GB/s"
+        )
     if anatomy.order_source != "traced":
         notes.append("forward order inferred from registration order (tracing failed)")
     for group in anatomy.tied_groups:
@@ -185,9 +230,15 @@ def _notes(
             f"offload: {offloaded_bytes / GIB:.2f} GiB of weights live off-GPU and are copied to "
             f"{device_label(execution)} on every forward pass (every generated token)"
             f"{disk if disk_bytes else ''}: "
-            f"≥ {seconds * 1e3:.0f} ms/token at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s PCIe"
+            f"≥ {milliseconds(seconds)} ms/token at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s PCIe"
         )
     return notes
+
+
+def milliseconds(seconds: float) -> str:
+    """`375`, `4.2`, `0.017`: milliseconds with the digits that matter."""
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 10 else f"{ms:.1f}" if ms >= 1 else f"{ms:.2g}"
 
 
 def fingerprint(

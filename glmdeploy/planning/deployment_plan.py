@@ -19,28 +19,36 @@ from pathlib import Path
 from glmdeploy import atomic
 from glmdeploy.config.settings import (
     Deployment,
-    GpuMode,
     MapEntry,
     Offload,
+    Quantization,
     SourceKind,
     Strategy,
 )
-from glmdeploy.hardware.gpu_select import GpuAssignment, select_gpus
-from glmdeploy.hardware.nvml import HardwareSnapshot, declared_snapshot, probe
-from glmdeploy.hardware.precision import resolve_dtype, selected_gpus
+from glmdeploy.distributed.rules import runs_on_torchrun
+from glmdeploy.hardware.gpu_select import GpuAssignment, existing_gpus, select_gpus
+from glmdeploy.hardware.nvml import HardwareSnapshot
+from glmdeploy.hardware.precision import (
+    ASSUMED,
+    QuantizationSupport,
+    quantization_support,
+    resolve_dtype,
+    selected_gpus,
+)
 from glmdeploy.model.anatomy import Anatomy
-from glmdeploy.model.hf_config import hf_config_for
+from glmdeploy.model.hf_config import checkpoint_layout, hf_config_for
 from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.planning.strategies import current_fingerprint, plan_placement, try_plan
 from glmdeploy.planning.types import DeviceSpec, Plan, PlanDoesNotFit, device_label
-from glmdeploy.problems import ConfigError, Problem
+from glmdeploy.problems import ConfigError, HardwareError, Problem
 
 
 @dataclass(frozen=True)
 class PlannedDeployment:
     """Everything `plan` computed, which `load` needs and run records keep.
 
-    `deployment` has its dtype resolved (never `auto`); `requested` is the deployment as given.
+    `deployment` has its dtype resolved (never `auto`) and its checkpoint layout detected;
+    `requested` is the deployment as given.
     """
 
     deployment: Deployment
@@ -51,6 +59,12 @@ class PlannedDeployment:
     plan: Plan
     dtype_reason: str = ""  # why this dtype (precision=auto resolves per GPU)
     requested: Deployment | None = None
+    quantization: QuantizationSupport = ASSUMED  # can int8/int4 run there; what this machine lacks
+
+    @property
+    def lacking_here(self) -> str | None:
+        """What the plan assumes that this machine cannot do (declared GPUs only), or None."""
+        return self.quantization.note(self.deployment.precision.quantization)
 
 
 class DeploymentDoesNotFit(PlanDoesNotFit):
@@ -62,13 +76,8 @@ class DeploymentDoesNotFit(PlanDoesNotFit):
 
 
 def hardware_for(deployment: Deployment) -> HardwareSnapshot:
-    """The GPUs to plan for: the declared fleet, nothing (cpu), or this machine's (NVML)."""
-    mode = deployment.gpus.mode
-    if mode is GpuMode.DECLARED:
-        return declared_snapshot(deployment.gpus.declared)
-    if mode is GpuMode.CPU:
-        return HardwareSnapshot((), None, None, None, "none")
-    return probe()
+    """The GPUs that exist to plan for: the declared fleet, else this machine's (NVML)."""
+    return existing_gpus(deployment.gpus)
 
 
 def offload_devices(
@@ -122,28 +131,46 @@ def plan_deployment(
     requested = deployment
     snapshot = snapshot if snapshot is not None else hardware_for(deployment)
     assignment = select_gpus(deployment.gpus, snapshot, os.environ if env is None else env)
-    # Plan in the dtype the loader will use (auto: bf16 where every selected GPU has it).
+    # Plan in the dtype the loader will use (auto: bf16 where every selected GPU has it), knowing
+    # the checkpoint's naming (a detected ChatGLM2/3 checkpoint accepts maps in its own names).
     dtype, dtype_reason = resolve_dtype(deployment.precision.dtype, selected_gpus(assignment))
+    model = deployment.model
+    source = dataclasses.replace(model.source, layout=checkpoint_layout(model))
     deployment = dataclasses.replace(
-        deployment, precision=dataclasses.replace(deployment.precision, dtype=dtype)
+        deployment,
+        model=dataclasses.replace(model, source=source),
+        precision=dataclasses.replace(deployment.precision, dtype=dtype),
     )
     gpu_specs = [
         DeviceSpec(d.physical_id, d.physical_id, d.name, d.capacity_bytes, d.compute_capability)
         for d in assignment.devices
     ]
     devices = (*gpu_specs, *offload_devices(deployment, has_gpus=bool(gpu_specs)))
+    # int8/int4 only where they can run: declared GPUs are assumed to, this machine must.
+    quant = deployment.precision.quantization
+    support = quantization_support(assignment)
+    if quant is not Quantization.NONE and not support.runs:
+        raise HardwareError([support.refusal(quant)])
+    lacking = tuple(n for n in (support.note(quant),) if n)
     anatomy = build_anatomy(hf_config_for(deployment.model))
     try:
         if deployment.placement.strategy is Strategy.PLAN_FILE:
             plan = restore_plan(deployment, anatomy, devices)
+        elif runs_on_torchrun(deployment):  # one row per rank (glmdeploy.distributed)
+            from glmdeploy.distributed.rank_plan import plan_ranks
+
+            plan = plan_ranks(deployment, anatomy, devices, weights_only=weights_only)
         else:
-            plan = plan_placement(deployment, anatomy, devices, weights_only=weights_only)
+            plan = plan_placement(deployment, anatomy, devices, weights_only=weights_only,
+                                  quantization=support)  # fmt: skip
     except PlanDoesNotFit as exc:
-        best = PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, exc.plan,
-                                 dtype_reason, requested)  # fmt: skip
+        worst = dataclasses.replace(exc.plan, notes=(*exc.plan.notes, *lacking))
+        best = PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, worst,
+                                 dtype_reason, requested, support)  # fmt: skip
         raise DeploymentDoesNotFit(exc.problems, best) from exc
+    plan = dataclasses.replace(plan, notes=(*plan.notes, *lacking))
     return PlannedDeployment(deployment, snapshot, assignment, anatomy, devices, plan, dtype_reason,
-                             requested)  # fmt: skip
+                             requested, support)  # fmt: skip
 
 
 def restore_plan(deployment: Deployment, anatomy: Anatomy, devices: tuple[DeviceSpec, ...]) -> Plan:

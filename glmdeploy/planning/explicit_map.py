@@ -1,19 +1,22 @@
 """Checks a user's explicit device map against the real module tree and the selected devices.
 
 All problems are collected before anything is reported. One-device maps are checked exactly like
-multi-device ones (transformers checks neither names nor coverage for those).
+multi-device ones (transformers checks neither names nor coverage for those). For a ChatGLM2/3
+checkpoint, maps may use the checkpoint's own module names: they are translated here, once, and the
+rest of the planner sees native names only.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from glmdeploy.config.settings import MapEntry, Offload
 from glmdeploy.model.anatomy import Anatomy, Unit
-from glmdeploy.model.chatglm_names import module_name_hint
+from glmdeploy.model.chatglm_names import checkpoint_module_to_native, module_name_hint
 from glmdeploy.planning.types import DeviceKey, device_label, summarise
 from glmdeploy.problems import Problem, did_you_mean
 
@@ -27,6 +30,7 @@ class MapCheck:
 
     device_map: dict[str, DeviceKey]
     problems: tuple[Problem, ...]
+    notes: tuple[str, ...] = ()  # e.g. the native names of a map written in checkpoint names
 
     @property
     def ok(self) -> bool:
@@ -44,14 +48,24 @@ def expand(pattern: str) -> list[str] | None:
     return [f"{head}{i}{tail}" for i in range(int(first), int(last) + 1)]
 
 
-def legacy_hint(pattern: str) -> str | None:
-    """`glmdeploy.model.chatglm_names.module_name_hint` for a pattern, ranges kept as ranges."""
+def _by_name(pattern: str, translate: Callable[[str], str | None]) -> str | None:
+    """`translate` applied to a pattern, a range kept as a range."""
     match = _RANGE.match(pattern)
     if not match:
-        return module_name_hint(pattern)
+        return translate(pattern)
     head, first, last, tail = match.groups()
-    hint = module_name_hint(f"{head}{_SENTINEL}{tail}")
-    return hint.replace(_SENTINEL, f"{first}-{last}") if hint else None
+    found = translate(f"{head}{_SENTINEL}{tail}")
+    return found.replace(_SENTINEL, f"{first}-{last}") if found else None
+
+
+def legacy_hint(pattern: str, checkpoint_names: bool = False) -> str | None:
+    """`glmdeploy.model.chatglm_names.module_name_hint` for a pattern, ranges kept as ranges."""
+    return _by_name(pattern, partial(module_name_hint, legacy_checkpoint=checkpoint_names))
+
+
+def native_pattern(pattern: str) -> str | None:
+    """The native pattern for one in a ChatGLM2/3 checkpoint's own names, or None."""
+    return _by_name(pattern, checkpoint_module_to_native)
 
 
 def check_explicit_map(
@@ -59,6 +73,8 @@ def check_explicit_map(
     anatomy: Anatomy,
     selected: Sequence[DeviceKey],
     offload: Offload = Offload.NONE,
+    *,
+    checkpoint_names: bool = False,
 ) -> MapCheck:
     """Validate `placement.map` and resolve it to one device per unit.
 
@@ -67,6 +83,8 @@ def check_explicit_map(
         anatomy: the model (native names).
         selected: the selected GPUs' physical ids, in selection order.
         offload: `placement.offload`; maps may name cpu (offload=cpu|disk) and disk (offload=disk).
+        checkpoint_names: the model is a ChatGLM2/3 checkpoint, whose own module names
+            (`transformer.encoder.layers.0-13`, …) are accepted and noted with their native names.
     """
     problems: list[Problem] = []
     gpus = [k for k in selected if isinstance(k, int)]
@@ -78,18 +96,23 @@ def check_explicit_map(
     owner = {m: u for u in anatomy.units for m in (*u.modules, *u.tensors)}
     whole: dict[str, list[tuple[int, DeviceKey]]] = defaultdict(list)  # unit -> entries naming it
     parts: dict[str, list[tuple[int, DeviceKey]]] = defaultdict(list)  # tensor -> entries
+    translated: dict[str, str] = {}  # checkpoint name -> native name
     for i, entry in enumerate(entries):
         path = f"placement.map[{i}].modules"
         if not entry.modules:
             problems.append(Problem(path, "no modules listed", expected="module names or ranges"))
-        for pattern in entry.modules:
+        for written in entry.modules:
+            pattern = native_pattern(written) if checkpoint_names else None
+            if pattern is not None:
+                translated[written] = pattern
+            pattern = pattern or written
             names = expand(pattern)
             if names is None:
-                problems.append(Problem(path, f"{pattern!r}: the range runs backwards"))
+                problems.append(Problem(path, f"{written!r}: the range runs backwards"))
                 continue
             unknown = [n for n in names if n not in owner and n not in anatomy.containers]
             if unknown:
-                problems.append(_unknown(path, pattern, names, unknown, anatomy))
+                problems.append(_unknown(path, written, names, unknown, anatomy, checkpoint_names))
             for name in (n for n in names if n not in unknown):
                 if name in by_name or name in anatomy.containers:
                     for unit in anatomy.units:
@@ -129,7 +152,11 @@ def check_explicit_map(
         if len(set(where.values())) > 1:
             problems.append(_tied(group.units, where))
     unique = sorted(set(problems))
-    return MapCheck({} if unique else resolved, tuple(unique))
+    notes: tuple[str, ...] = ()
+    if translated:
+        pairs = ", ".join(f"{old} = {new}" for old, new in translated.items())
+        notes = (f"placement.map uses the checkpoint's ChatGLM2/3 names; planned as {pairs}",)
+    return MapCheck({} if unique else resolved, tuple(unique), notes)
 
 
 def _tensors(unit: Unit) -> tuple[str, ...]:
@@ -168,10 +195,16 @@ def _device_problems(
 
 
 def _unknown(
-    path: str, pattern: str, names: list[str], unknown: list[str], anatomy: Anatomy
+    path: str,
+    pattern: str,
+    names: list[str],
+    unknown: list[str],
+    anatomy: Anatomy,
+    checkpoint_names: bool = False,
 ) -> Problem:
-    legacy = legacy_hint(pattern)
-    if legacy is not None and len(unknown) == len(names):
+    native = native_pattern(pattern) if checkpoint_names else None  # accepted, but too far
+    legacy = legacy_hint(pattern, checkpoint_names)
+    if legacy is not None and len(unknown) == len(names) and native is None:
         return Problem(
             path,
             f"{pattern!r} is a legacy ChatGLM module name; this model is planned in transformers' "
@@ -183,7 +216,7 @@ def _unknown(
         blocks = summarise(u.name for u in anatomy.blocks)
         return Problem(
             path,
-            f"{summarise(unknown)} do not exist",
+            (f"{pattern!r} is {native}: " if native else "") + f"{summarise(unknown)} do not exist",
             expected=f"this model has {blocks}" if blocks else None,
         )
     candidates = [*anatomy.containers, *(m for u in anatomy.units for m in u.modules)]

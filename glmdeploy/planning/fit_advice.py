@@ -1,17 +1,19 @@
-"""Explains a plan that does not fit: the shortfall in GiB and the cheapest fixes, in numbers.
+"""Explains a plan that does not fit: the shortfall, then the fixes, cheapest for the user first.
 
-Each fix is checked by planning again with one setting changed (other precision, more GPUs of the
-largest selected size, a shorter context, offload), so every number it quotes is a real plan's.
+Each fix changes one setting and is checked by planning again, so every number it quotes is a real
+plan's. Fixes are ranked by what they cost the user, and each says that cost: fewer sequences at
+once (throughput) < a shorter context < lower precision (quality) < more GPUs (money) < offload
+(milliseconds per token). A change that would still not fit is never a hint: it is said, without
+one, after the fixes. int8/int4 are offered only where they can run (`QuantizationSupport`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from glmdeploy.config.settings import (
-    GIB,
     Deployment,
     Dtype,
     Offload,
@@ -19,15 +21,27 @@ from glmdeploy.config.settings import (
     Quantization,
     Strategy,
 )
+from glmdeploy.hardware.precision import ASSUMED, QuantizationSupport
 from glmdeploy.model.anatomy import Anatomy
-from glmdeploy.planning.types import DeviceSpec, Plan
+from glmdeploy.planning.budget import percent, size
+from glmdeploy.planning.types import DeviceSpec, Plan, device_label
 from glmdeploy.problems import Problem
 
 MAX_EXTRA_GPUS = 64
+_PRECISION_COST = {
+    Dtype.BF16: "bf16 keeps fp32's range with fewer digits, rarely noticeable in inference",
+    Quantization.INT8: "8-bit weights (LLM.int8): some loss of quality, slower decoding",
+    Quantization.INT4: "4-bit nf4 weights: a larger loss of quality",
+}
 
 
-def _gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
+_gib = size
+
+
+def _peak(plan: Plan) -> str:
+    device = plan.verdict.device
+    where = f" on {device_label(device)}" if device is not None else ""
+    return f"peak {percent(plan.verdict.utilisation)} of budget{where}"
 
 
 class Replan(Protocol):
@@ -54,34 +68,43 @@ def does_not_fit_problems(
     replan: Replan,
     *,
     weights_only: bool = False,
+    quantization: QuantizationSupport = ASSUMED,
 ) -> list[Problem]:
-    """The shortfall of `plan`, then each fix that would make it fit (or how far it gets)."""
+    """The shortfall of `plan`; the fixes that make it fit, cheapest first, each with its cost;
+    then the changes that would not be enough (without a hint)."""
 
     def _try(changed: Deployment, specs: Sequence[DeviceSpec], weights: bool) -> Plan:
         return replan(changed, anatomy, specs, weights_only=weights)
 
-    problems = [_shortfall(plan)]
-    problems += _precision_fix(deployment, devices, plan, weights_only, _try)
-    problems += _gpu_fix(deployment, anatomy, devices, weights_only, _try)
+    found: list[Problem] = []
     if not weights_only:
-        problems += _context_fix(deployment, devices, _try)
-    problems += _offload_fix(deployment, devices, weights_only, _try)
-    return problems
+        found += _batch_fix(deployment, devices, _try)
+        found += _context_fix(deployment, devices, _try)
+    found += _precision_fix(deployment, devices, plan, weights_only, _try, quantization)
+    found += _gpu_fix(deployment, anatomy, devices, weights_only, _try)
+    found += _offload_fix(deployment, devices, weights_only, _try)
+    fixes = [p for p in found if p.hint is not None]
+    return [_shortfall(plan), *fixes, *(p for p in found if p.hint is None)]
 
 
 def _shortfall(plan: Plan) -> Problem:
+    """How far the plan is from fitting, on the verdict's binding device, then in total."""
     gpus = [r for r in plan.rows if isinstance(r.device, int)]
-    need = sum(r.total_bytes - r.reserve_bytes for r in gpus)
-    usable = sum(max(0, r.capacity_bytes - r.reserve_bytes) for r in gpus)
-    weights = sum(r.weights_bytes for r in plan.rows)
-    over = [r for r in gpus if r.utilisation > 1]
-    totals = f"all GPUs: {_gib(need)} needed, {_gib(usable)} usable (weights alone {_gib(weights)})"
-    if over:
-        worst = max(over, key=lambda r: r.total_bytes - r.capacity_bytes)
+    over = [r for r in plan.rows if (isinstance(r.device, int) or r.capacity_bytes) and
+            r.total_bytes > r.capacity_bytes]  # fmt: skip
+    binding = next((r for r in plan.rows if r.device == plan.verdict.device), None)
+    weights = f"weights alone {_gib(sum(r.weights_bytes for r in plan.rows))}"
+    if gpus:
+        need = sum(r.total_bytes - r.reserve_bytes for r in gpus)
+        usable = sum(max(0, r.capacity_bytes - r.reserve_bytes) for r in gpus)
+        totals = f"all GPUs: {_gib(need)} needed, {_gib(usable)} usable ({weights})"
+    else:
+        totals = f"no GPU: the CPU runs the model ({weights})"
+    if over and binding is not None:
         short = sum(r.total_bytes - r.capacity_bytes for r in over)
         message = (
-            f"short by {_gib(short)}: GPU {worst.device} ({worst.name}) would need "
-            f"{_gib(worst.total_bytes)} of its {_gib(worst.capacity_bytes)}; {totals}"
+            f"short by {_gib(short)}: {device_label(binding.device)} ({binding.name}) would need "
+            f"{_gib(binding.total_bytes)} of its {_gib(binding.capacity_bytes)}; {totals}"
         )
     else:
         off = [r for r in plan.rows if not isinstance(r.device, int)]
@@ -90,20 +113,76 @@ def _shortfall(plan: Plan) -> Problem:
     return Problem("placement", message, hint="one of the fixes below, or fewer/larger units")
 
 
+def _largest_fitting(
+    deployment: Deployment, devices: Sequence[DeviceSpec], _try: _Try, key: str
+) -> tuple[int, int | None]:
+    """`runtime.<key>` now, and the largest smaller value that fits (None: not even 1)."""
+    runtime = deployment.runtime
+    now: int = getattr(runtime, key)
+
+    def fits(value: int) -> bool:
+        change: dict[str, Any] = {key: value}
+        changed = replace(deployment, runtime=replace(runtime, **change))
+        return _try(changed, devices, False).fits
+
+    if now <= 1 or not fits(1):
+        return now, None
+    lo, hi = 1, now  # fits(lo), not fits(hi); fitting is monotone in both keys
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return now, lo
+
+
+def _batch_fix(deployment: Deployment, devices: Sequence[DeviceSpec], _try: _Try) -> list[Problem]:
+    now, best = _largest_fitting(deployment, devices, _try, "batch_size")
+    if best is None:
+        return []
+    ratio = now / best
+    return [
+        Problem(
+            "runtime.batch_size",
+            f"fits with at most {best} sequence(s) at once (now {now}); cost: up to "
+            f"{ratio:.1f}× lower throughput".replace(".0×", "×"),
+            hint=f"runtime.batch_size={best}",
+        )
+    ]
+
+
+def _context_fix(
+    deployment: Deployment, devices: Sequence[DeviceSpec], _try: _Try
+) -> list[Problem]:
+    now, best = _largest_fitting(deployment, devices, _try, "max_context_tokens")
+    if best is None:
+        return []
+    value = best // 256 * 256 or best
+    if value <= deployment.runtime.max_new_tokens:  # no room left for a prompt: not a fix
+        return []
+    return [
+        Problem(
+            "runtime.max_context_tokens",
+            f"fits with at most {best} tokens of context (now {now}); cost: prompts and answers "
+            f"{1 - value / now:.0%} shorter ({value} tokens)",
+            hint=f"runtime.max_context_tokens={value}",
+        )
+    ]
+
+
 def _precision_fix(
     deployment: Deployment,
     devices: Sequence[DeviceSpec],
     plan: Plan,
     weights_only: bool,
     _try: _Try,
+    quantization: QuantizationSupport,
 ) -> list[Problem]:
     current = deployment.precision
     options: list[Precision] = []
     if current.dtype is Dtype.FP32 or plan.fingerprint.dtype == Dtype.FP32:
         options.append(Precision(Dtype.BF16, current.quantization))
-    if current.quantization is Quantization.NONE:
+    if quantization.runs and current.quantization is Quantization.NONE:
         options.append(replace(current, quantization=Quantization.INT8))
-    if current.quantization is not Quantization.INT4:
+    if quantization.runs and current.quantization is not Quantization.INT4:
         options.append(replace(current, quantization=Quantization.INT4))
     before = sum(r.weights_bytes for r in plan.rows)
     last: tuple[Precision, Plan] | None = None
@@ -115,21 +194,21 @@ def _precision_fix(
     if last is None:
         return []
     option, candidate = last
-    weights = sum(r.weights_bytes for r in candidate.rows)
-    verdict = (
-        f"fits (max utilisation {candidate.max_utilisation:.2f})"
-        if candidate.fits
-        else "still does not fit"
-    )
-    path, value = (
-        ("precision.dtype", str(option.dtype))
-        if option.quantization is current.quantization
-        else ("precision.quantization", str(option.quantization))
-    )
+    quantised = option.quantization is not current.quantization
+    path = "precision.quantization" if quantised else "precision.dtype"
+    value = str(option.quantization if quantised else option.dtype)
+    weights = f"the weights take {_gib(sum(r.weights_bytes for r in candidate.rows))}"
+    if not candidate.fits:
+        message = f"even with {value} ({weights}, now {_gib(before)}) it does not fit"
+        return [Problem(path, message)]
+    cost = _PRECISION_COST[option.quantization if quantised else option.dtype]
+    if quantised and quantization.missing_here:
+        cost += f"; this machine lacks {' and '.join(quantization.missing_here)}: plan only"
     return [
         Problem(
             path,
-            f"with {value} the weights take {_gib(weights)} (now {_gib(before)}): {verdict}",
+            f"with {value} {weights} (now {_gib(before)}) and it fits ({_peak(candidate)}); "
+            f"cost: {cost}",
             hint=f"{path}={value}",
         )
     ]
@@ -162,9 +241,10 @@ def _gpu_fix(
             return [
                 Problem(
                     "gpus",
-                    f"{n} GPUs of {_gib(largest.capacity_bytes)} would fit "
-                    f"(max utilisation {candidate.max_utilisation:.2f}, strategy {strategy})",
-                    hint=f"select {n} such GPUs (gpus.ids or a declared fleet)",
+                    f"{n} GPUs of {_gib(largest.capacity_bytes)} would fit ({_peak(candidate)}, "
+                    f"strategy {strategy}); cost: {n - len(gpus)} more GPU(s), "
+                    f"{len(candidate.hops)} hop(s) per forward pass",
+                    hint=f"select {n} such GPUs (gpus.ids, or gpus.declared to plan for them)",
                 )
             ]
     from glmdeploy.planning.memory import memory_model
@@ -182,49 +262,27 @@ def _gpu_fix(
     ]
 
 
-def _context_fix(
-    deployment: Deployment, devices: Sequence[DeviceSpec], _try: _Try
-) -> list[Problem]:
-    runtime = deployment.runtime
-    current = runtime.max_context_tokens
-
-    def fits(tokens: int) -> bool:
-        changed = replace(deployment, runtime=replace(runtime, max_context_tokens=tokens))
-        return _try(changed, devices, False).fits
-
-    if current <= 1 or not fits(1):
-        return []
-    lo, hi = 1, current  # fits(lo), not fits(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return [
-        Problem(
-            "runtime.max_context_tokens",
-            f"fits with at most {lo} tokens of context (now {current})",
-            hint=f"runtime.max_context_tokens={lo // 256 * 256 or lo}",
-        )
-    ]
-
-
 def _offload_fix(
     deployment: Deployment, devices: Sequence[DeviceSpec], weights_only: bool, _try: _Try
 ) -> list[Problem]:
     placement = deployment.placement
     if placement.strategy in (Strategy.EXPLICIT, Strategy.TRANSFORMERS):
         return []
-    target = {Offload.NONE: Offload.CPU, Offload.CPU: Offload.DISK}.get(placement.offload)
-    if target is None:
-        return []
-    changed = replace(deployment, placement=replace(placement, offload=target))
-    candidate = _try(changed, devices, weights_only)
-    if not candidate.fits:
-        return []
-    costs = [n for n in candidate.notes if n.startswith(("offload:", "no unit is on a GPU"))]
-    return [
-        Problem(
-            "placement.offload",
-            f"offload={target} fits: {'; '.join(c.removeprefix('offload: ') for c in costs)}",
-            hint=f"placement.offload={target}",
-        )
-    ]
+    order = [Offload.NONE, Offload.CPU, Offload.DISK]  # each allows more off-GPU devices
+    for target in order[order.index(placement.offload) + 1 :]:
+        changed = replace(deployment, placement=replace(placement, offload=target))
+        candidate = _try(changed, devices, weights_only)
+        if not candidate.fits:
+            continue
+        costs = [n for n in candidate.notes if n.startswith(("offload:", "no unit is on a GPU"))]
+        ram = sum(r.total_bytes for r in candidate.rows if r.device == "cpu")
+        return [
+            Problem(
+                "placement.offload",
+                f"offload={target} fits; cost: "
+                f"{'; '.join(c.removeprefix('offload: ') for c in costs)}; it needs {_gib(ram)} "
+                "of RAM",
+                hint=f"placement.offload={target}",
+            )
+        ]
+    return []

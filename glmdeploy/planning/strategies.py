@@ -31,13 +31,20 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from glmdeploy.config.settings import GIB, Deployment, Dtype, Strategy
-from glmdeploy.hardware.precision import GpuCapability, resolve_dtype
+from glmdeploy.config.settings import GIB, CheckpointLayout, Deployment, Dtype, Strategy
+from glmdeploy.hardware.precision import ASSUMED, GpuCapability, QuantizationSupport, resolve_dtype
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.planning import partition
-from glmdeploy.planning.budget import assemble, fingerprint
+from glmdeploy.planning.budget import TOLERANCE, assemble, fingerprint, percent
 from glmdeploy.planning.memory import MemoryModel, memory_model
-from glmdeploy.planning.types import DeviceKey, DeviceSpec, Fingerprint, Plan, PlanDoesNotFit
+from glmdeploy.planning.types import (
+    DeviceKey,
+    DeviceSpec,
+    Fingerprint,
+    Plan,
+    PlanDoesNotFit,
+    device_label,
+)
 from glmdeploy.problems import ConfigError, Problem
 
 AUTO_TARGET = 0.9
@@ -61,6 +68,7 @@ def plan_placement(
     devices: Sequence[DeviceSpec],
     *,
     weights_only: bool = False,
+    quantization: QuantizationSupport = ASSUMED,
 ) -> Plan:
     """Plan where each unit goes, with its memory budget.
 
@@ -70,6 +78,7 @@ def plan_placement(
         devices: selected GPUs in selection order (key = physical id), plus "cpu"/"disk" specs
             when offload may use them (absent: unlimited).
         weights_only: count weights only (no KV, workspace or reserve), as transformers does.
+        quantization: whether int8/int4 can run on these GPUs (fix advice offers them only then).
 
     Raises:
         ConfigError: an invalid explicit map, or `plan_file` (restore saved plans with
@@ -82,7 +91,8 @@ def plan_placement(
     plan = try_plan(deployment, anatomy, devices, weights_only=weights_only)
     if not plan.fits:
         problems = does_not_fit_problems(deployment, anatomy, devices, plan, try_plan,
-                                         weights_only=weights_only)  # fmt: skip
+                                         weights_only=weights_only,
+                                         quantization=quantization)  # fmt: skip
         raise PlanDoesNotFit(problems, plan)
     return plan
 
@@ -118,12 +128,14 @@ def try_plan(
         from glmdeploy.planning.explicit_map import check_explicit_map
 
         keys = [g.key for g in setup.gpus]
+        placement = deployment.placement
+        legacy = deployment.model.source.layout is CheckpointLayout.CHATGLM
         check = check_explicit_map(
-            deployment.placement.map, anatomy, keys, deployment.placement.offload
+            placement.map, anatomy, keys, placement.offload, checkpoint_names=legacy
         )
         if not check.ok:
             raise ConfigError(list(check.problems))
-        assignment = check.device_map
+        assignment, notes = check.device_map, list(check.notes)
     elif strategy is Strategy.TRANSFORMERS:
         from glmdeploy.planning.transformers_map import max_memory, transformers_assignment
 
@@ -133,10 +145,32 @@ def try_plan(
         assignment, notes = _automatic(setup, strategy)
     devices_used = (*setup.gpus, *setup.offload_devices)
     stamp = fingerprint(anatomy, setup.memory, deployment.runtime, devices_used, setup.capacities)
-    return assemble(
+    plan = assemble(
         anatomy, setup.memory, setup.gpus, setup.offload_devices, setup.capacities, assignment,
         strategy=str(strategy), notes=notes, fingerprint=stamp,
     )  # fmt: skip
+    if strategy is Strategy.BALANCED_LOW_0 and setup.gpus:
+        frac = deployment.placement.gpu0_free_fraction
+        plan = replace(plan, notes=(*plan.notes, low_0_note(plan, frac)))
+    return plan
+
+
+def low_0_note(plan: Plan, free_fraction: float) -> str:
+    """What balanced_low_0 did, in the numbers of the plan's own rows."""
+    first, *others = [r for r in plan.rows if isinstance(r.device, int)]
+    label = device_label(first.device)
+    limit = 1 - free_fraction
+    rest = max((r.utilisation for r in others), default=None)
+    rest_text = f", the other GPUs at up to {percent(rest)}" if rest is not None else ""
+    if first.utilisation <= limit + TOLERANCE:
+        return (
+            f"balanced_low_0: {label} keeps {free_fraction:.0%} of its budget free: it is planned "
+            f"at {percent(first.utilisation)} (at most {limit:.0%}){rest_text}"
+        )
+    return (
+        f"balanced_low_0: {label} was to keep {free_fraction:.0%} of its budget free, but is "
+        f"planned at {percent(first.utilisation)}{rest_text}: the model does not fit otherwise"
+    )
 
 
 def current_fingerprint(
@@ -217,8 +251,7 @@ def _split(
 def _automatic(setup: _Setup, strategy: Strategy) -> tuple[dict[str, DeviceKey], list[str]]:
     """balanced / balanced_low_0 / sequential / auto, with offload when allowed."""
     notes: list[str] = []
-    if not setup.gpus:
-        notes.append("no GPU selected: the model runs on the CPU")
+    if not setup.gpus:  # the CPU runs the model (the plan's notes say so, with the cost)
         return {u.name: "cpu" for u in setup.anatomy.units}, notes
     budgets = _budgets(setup, strategy)
     real = _budgets(setup, Strategy.BALANCED)
@@ -250,11 +283,6 @@ def _automatic(setup: _Setup, strategy: Strategy) -> tuple[dict[str, DeviceKey],
             for i in item:
                 assignment[setup.anatomy.units[i].name] = gpu.key
     assignment.update(_offload_rest(setup, cut))
-    if strategy is Strategy.BALANCED_LOW_0:
-        frac = setup.deployment.placement.gpu0_free_fraction
-        notes.append(
-            f"balanced_low_0: GPU {setup.gpus[0].key} planned at {1 - frac:.0%} of its budget"
-        )
     order = {u.name: i for i, u in enumerate(setup.anatomy.units)}
     return dict(sorted(assignment.items(), key=lambda kv: order[kv[0]])), notes
 

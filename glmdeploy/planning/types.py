@@ -17,7 +17,7 @@ from glmdeploy.config.settings import GIB
 from glmdeploy.problems import DoesNotFitError, Problem
 
 DeviceKey = int | str  # a physical GPU id, "cpu" or "disk"
-PLAN_FORMAT = "glmdeploy.planning.types/1"
+PLAN_FORMAT = "glmdeploy.plan/1"
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,49 @@ class BudgetRow:
     total_bytes: int
     capacity_bytes: int
     utilisation: float
+    rank: int | None = None  # parallel plans: the rank this row budgets (`Plan.parallel`)
+
+
+@dataclass(frozen=True)
+class RankShare:
+    """Where one rank of a tensor/pipeline-parallel plan runs and which layers its stage holds."""
+
+    rank: int
+    node: int  # torchrun's group rank
+    local_rank: int  # the rank's index on its node: GPU cuda:<local_rank>
+    stage: int  # pipeline stage
+    tp_rank: int  # index within the stage's tensor-parallel group
+    layers: tuple[int, int]  # decoder layers [start, end) of its stage
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How a parallel plan splits the model: `rows[i]` of the plan budgets `ranks[i]`.
+
+    `split` lists the parameters divided across a stage's tensor-parallel ranks (name, global
+    shape, rank 0's shard, what is split), `replicated` the parameters and buffers every rank
+    holds whole; both by wildcard name (`model.layers.*.…`).
+    """
+
+    tp_size: int
+    pp_size: int
+    nnodes: int
+    backend: str  # gloo (CPU ranks) or nccl (GPU ranks)
+    ranks: tuple[RankShare, ...]
+    split: tuple[str, ...] = ()
+    replicated: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ParallelLayout:
+        return cls(
+            tp_size=int(data["tp_size"]),
+            pp_size=int(data["pp_size"]),
+            nnodes=int(data["nnodes"]),
+            backend=str(data["backend"]),
+            ranks=tuple(RankShare(**{**r, "layers": tuple(r["layers"])}) for r in data["ranks"]),
+            split=tuple(data.get("split", ())),
+            replicated=tuple(data.get("replicated", ())),
+        )
 
 
 @dataclass(frozen=True)
@@ -138,6 +181,25 @@ def _show(value: object) -> str:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """Whether a plan fits, decided once (`glmdeploy.planning.budget.judge`) and shown everywhere:
+    the table's verdict line, JSON, run records, reports, pictures, fit advice and doctor.
+
+    Attributes:
+        fits: every unit is placed where it may go and every device with a budget is within it.
+        device: the binding device: the row with the highest utilisation among those with a
+            budget (every GPU; cpu/disk when their capacity is known); None when none has one.
+        utilisation: that row's utilisation (the table's `used`); 0.0 when `device` is None.
+        sentence: the verdict in one line, for humans.
+    """
+
+    fits: bool
+    device: DeviceKey | None
+    utilisation: float
+    sentence: str
+
+
+@dataclass(frozen=True)
 class Plan:
     """A placement and its memory budget.
 
@@ -146,30 +208,44 @@ class Plan:
         device_map: unit name -> device key, in forward order (GPUs by physical id).
         rows: one per selected GPU (empty ones included), then cpu/disk when used.
         hops: device changes along the forward order.
-        fits: every GPU within budget, and cpu/disk within theirs.
-        max_utilisation: the largest GPU utilisation.
+        verdict: fits or not, the binding device and its utilisation, in one sentence.
         notes: explanations (auto's choice, tied weights, offload cost, …).
         fingerprint: what it was computed for.
         offloaded_bytes: weight bytes on cpu/disk, streamed to the execution GPU every forward
             pass (every generated token).
+        parallel: tensor/pipeline-parallel plans: the ranks (one row each); None for device maps.
     """
 
     strategy: str
     device_map: Mapping[str, DeviceKey]
     rows: tuple[BudgetRow, ...]
     hops: tuple[Hop, ...]
-    fits: bool
-    max_utilisation: float
+    verdict: Verdict
     notes: tuple[str, ...]
     fingerprint: Fingerprint
     offloaded_bytes: int = 0
+    parallel: ParallelLayout | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict.fits
+
+    @property
+    def max_utilisation(self) -> float:
+        """The binding device's utilisation (GPUs, and cpu/disk where their capacity is known)."""
+        return self.verdict.utilisation
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (infinite utilisations become None)."""
+        """A JSON-ready dict (infinite utilisations become None).
+
+        `fits` and `max_utilisation` repeat the verdict's, for readers that want just those.
+        """
         out = asdict(self)
         out["format"] = PLAN_FORMAT
         out["device_map"] = [[name, dev] for name, dev in self.device_map.items()]
-        out["max_utilisation"] = _finite(self.max_utilisation)
+        out["verdict"]["utilisation"] = _finite(self.verdict.utilisation)
+        out["fits"] = self.verdict.fits
+        out["max_utilisation"] = _finite(self.verdict.utilisation)
         for row in out["rows"]:
             row["utilisation"] = _finite(row["utilisation"])
         out["fingerprint"]["devices"] = [list(d) for d in self.fingerprint.devices]
@@ -189,20 +265,34 @@ class Plan:
                 BudgetRow(**{**r, "utilisation": _infinite(r["utilisation"])}) for r in data["rows"]
             ),
             hops=tuple(Hop(**h) for h in data["hops"]),
-            fits=bool(data["fits"]),
-            max_utilisation=_infinite(data["max_utilisation"]),
+            verdict=_verdict(data),
             notes=tuple(data["notes"]),
             fingerprint=Fingerprint(**{f.name: fp[f.name] for f in fields(Fingerprint)}),
             offloaded_bytes=int(data.get("offloaded_bytes", 0)),
+            parallel=ParallelLayout.from_dict(data["parallel"]) if data.get("parallel") else None,
         )
 
 
 class PlanDoesNotFit(DoesNotFitError):
-    """No placement fits: the problems give the shortfall and the fixes; `plan` is the best one."""
+    """No placement fits: the problems give the shortfall, then the fixes, cheapest first; `plan`
+    is the best one."""
+
+    ranked = True
 
     def __init__(self, problems: Sequence[Problem], plan: Plan) -> None:
         super().__init__(problems)
         self.plan = plan
+
+
+def _verdict(data: Mapping[str, Any]) -> Verdict:
+    """The saved verdict; plans saved before verdicts existed keep their fits/max_utilisation."""
+    saved = data.get("verdict")
+    if saved is None:
+        fits = bool(data["fits"])
+        return Verdict(fits, None, _infinite(data["max_utilisation"]),
+                       "fits" if fits else "does not fit")  # fmt: skip
+    return Verdict(bool(saved["fits"]), saved["device"], _infinite(saved["utilisation"]),
+                   str(saved["sentence"]))  # fmt: skip
 
 
 def _finite(value: float) -> float | None:

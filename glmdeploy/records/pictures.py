@@ -58,13 +58,15 @@ def save_plan_picture(plan: Plan, path: Path) -> None:
         )
     ax.set_xticks(xs, [_tick(r) for r in rows], fontsize=8)
     ax.set_ylabel(unit)
-    verdict = "fits" if plan.fits else "does not fit"
-    worst = _percent(plan.max_utilisation)
-    fp = plan.fingerprint
-    title = f"{fp.model_class} {fp.dtype}, placement {plan.strategy}: {verdict} (max {worst})"
-    ax.set_title(title, fontsize=10)
+    ax.set_title(picture_title(plan), fontsize=10, wrap=True)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     save_figure(fig, path)
+
+
+def picture_title(plan: Plan) -> str:
+    """Model, dtype and strategy, then the plan's verdict sentence."""
+    fp = plan.fingerprint
+    return f"{fp.model_class} {fp.dtype}, placement {plan.strategy}\n{plan.verdict.sentence}"
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -82,6 +84,7 @@ def save_figure(fig: Any, path: Path) -> None:
 def _tick(row: BudgetRow) -> str:
     """A GPU's label carries its model name on a second line."""
     label = device_label(row.device)
+    label = f"rank {row.rank}\n{label}" if row.rank is not None else label
     return f"{label}\n{row.name}" if _gpu(row) else label
 
 

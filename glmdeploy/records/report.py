@@ -261,7 +261,8 @@ def _counts(rows: Sequence[Row]) -> str:
 
 
 def save_report_plot(rows: Sequence[Row], path: Path) -> None:
-    """Bars per job: max GPU utilisation and, when measured, decode tokens/s; failures marked."""
+    """Bars per job: the plan's peak utilisation (its binding device's) and, when measured, decode
+    tokens/s; failures marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,7 +271,7 @@ def save_report_plot(rows: Sequence[Row], path: Path) -> None:
     from glmdeploy.records.pictures import save_figure
 
     panels: list[tuple[str, Callable[[Row], float | None]]] = [
-        ("max GPU utilisation (%)", lambda r: _percent(r.max_utilisation)),
+        ("max utilisation (%)", lambda r: _percent(r.max_utilisation)),
     ]
     if any(r.decode_tokens_per_s is not None for r in rows):
         panels.append(("decode tokens/s", lambda r: r.decode_tokens_per_s))
@@ -298,7 +299,7 @@ def save_report_plot(rows: Sequence[Row], path: Path) -> None:
             colour = "#C44E52" if not ok else "grey"
             ax.text(x, y or 0, note, ha="center", va="bottom", color=colour, fontsize=8,
                     rotation=90 if y is None else 0)  # fmt: skip
-        if label.startswith("max GPU"):
+        if label.startswith("max utilisation"):
             ax.axhline(100, color="black", linewidth=1, linestyle="--")
         ax.set_ylabel(label, fontsize=9)
     ticks = [_tick(r) for r in rows]
