@@ -260,7 +260,6 @@ COMMAND_LINES: list[tuple[list[str], str, str]] = [
         "placement.plan_file",
         "too long",
     ),
-    (["validate", "runtime=chat", "runtime=batch"], "runtime", "brace expansion"),
 ]
 
 
@@ -283,8 +282,8 @@ def test_bad_command_line(
 
 # 15: shell lines whose braces bash expands; (line, path, phrase): each must be one problem
 BRACES: list[tuple[str, str, str]] = [
-    ("precision={bf16,fp16}", "precision", "precision=bf16,fp16"),
     ("-m precision={bf16,fp16}", "precision", "precision=bf16,fp16"),
+    ("-m runtime={chat,batch}", "runtime", "runtime=chat,batch"),
     ("-m gpus=2x24gib,4x24gib precision={bf16,fp16}", "precision", "brace expansion"),
     ("gpus.max_memory_gib={2:20,3:22}", "gpus.max_memory_gib", "'gpus.max_memory_gib={2:20,3:22}'"),
     ("+runtime.x={a:1,b:2}", "runtime.x", "brace expansion"),
@@ -318,6 +317,15 @@ def test_brace_expansion_is_said_once(
     assert result.code == 2, result.err
     assert_reported(result.err, path, phrase, count=1)
     assert "quote" in result.err
+
+
+def test_a_plain_key_given_again_outside_a_sweep_is_used_with_a_note(cli: Any) -> None:
+    """Scripts append overrides (the last one wins, as in Hydra); a brace expansion looks alike."""
+    result = cli("validate", "--json", *bash_words("precision={bf16,fp16}"))
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["jobs"][0]["config"]["precision"]["dtype"] == "fp16"
+    assert result.err.startswith("note: precision given 2 times in a row: precision=fp16 is used")
+    assert "-m precision=bf16,fp16" in result.err
 
 
 # Config files in a user's --config-dir: {relative path: text}, argv after the dir, path, phrase
@@ -503,7 +511,7 @@ ENTRY_POINT: list[tuple[list[str], str, str]] = [
     (["validate", "model.source.kind=???"], "model.source.kind", "`???`"),
     (["plan", "placement.reserve_gib=nan"], "placement.reserve_gib", "a finite number"),
     (["validate", "--cfg", "nope"], "--cfg", "job, hydra, all"),
-    (["validate", *bash_words("precision={bf16,fp16}")], "precision", "brace expansion"),
+    (["validate", "-m", *bash_words("precision={bf16,fp16}")], "precision", "brace expansion"),
     (
         ["plan", "+hydra.callbacks.x._target_=os.makedirs", "+hydra.callbacks.x.name=made"],
         "hydra.callbacks.x._target_",

@@ -60,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.OK
     except UsageError as exc:
         return _usage_error(exc)
+    if not args.multirun:  # in a sweep a repeated key is an error (load_deployments)
+        from glmdeploy.config.overrides import repeated_keys
+
+        for note in repeated_keys(args.overrides):
+            print(f"note: {note}", file=sys.stderr)
     try:
         return COMMANDS[args.command].run(args)
     except UsageError as exc:

@@ -64,7 +64,7 @@ def load_deployments(
     from glmdeploy.config.overrides import screen_overrides
     from glmdeploy.config.sweep import expand_sweep
 
-    refused = screen_overrides(overrides)[1]
+    refused = screen_overrides(overrides, sweep=True)[1]
     if refused:  # said once, not once per job
         raise ConfigError(refused)
 

@@ -43,25 +43,50 @@ def word_key(override: str) -> str:
     return _PREFIX.sub("", override.split("=", 1)[0])
 
 
-def screen_overrides(overrides: Sequence[str]) -> tuple[list[str], list[Problem]]:
+def screen_overrides(
+    overrides: Sequence[str], *, sweep: bool = False
+) -> tuple[list[str], list[Problem]]:
     """The overrides that may go on to Hydra, and one Problem per refused override (or run of them).
 
-    Refused: runs of words that bash brace expansion made of one unquoted `{…}` word; over-long
-    keys; `???` values; group options that are paths; Hydra settings outside ALLOWED_HYDRA_KEYS,
-    package overrides (`group@package=…`) and `_target_` anywhere.
+    Refused: runs of words that bash brace expansion made of an unquoted dict or list (the same
+    key several times in a row, with `key:value` or bracket pieces), and in a sweep any run of
+    one key (`-m precision={bf16,fp16}` would collapse to one job); over-long keys; `???` values;
+    group options that are paths; Hydra settings outside ALLOWED_HYDRA_KEYS, package overrides
+    (`group@package=…`) and `_target_` anywhere. Outside a sweep, a plain key given again keeps
+    Hydra's rule, the last one wins (scripts append overrides); `repeated_keys` says so.
     """
     kept: list[str] = []
     problems: list[Problem] = []
     for run in _runs(overrides):
-        if len(run) > 1:
+        if len(run) > 1 and (sweep or _pieces(run)):
             problems.append(_brace_problem(run))
             continue
-        problem = _word_problem(run[0])
-        if problem is None:
-            kept.append(run[0])
-        else:
-            problems.append(problem)
+        for word in run:
+            problem = _word_problem(word)
+            if problem is None:
+                kept.append(word)
+            else:
+                problems.append(problem)
     return kept, problems
+
+
+def repeated_keys(overrides: Sequence[str]) -> list[str]:
+    """Notes for plain keys given several times in a row outside a sweep (the last one wins)."""
+    notes = []
+    for run in _runs(overrides):
+        if len(run) > 1 and not _pieces(run):
+            key, values = word_key(run[0]), [w.split("=", 1)[1] for w in run]
+            notes.append(
+                f"{key} given {len(run)} times in a row: {key}={clip(values[-1], 60)} is used "
+                f"(bash makes this of an unquoted {key}={{{clip(','.join(values), 60)}}}; "
+                f"to sweep the values write -m {key}={clip(','.join(values), 60)})"
+            )
+    return notes
+
+
+def _pieces(run: list[str]) -> bool:
+    """Whether the words of a run look like the pieces of an expanded dict or list."""
+    return any(re.search(r"[:\[\]{}]", w.split("=", 1)[1]) for w in run)
 
 
 def _runs(overrides: Sequence[str]) -> Iterator[list[str]]:
