@@ -102,15 +102,16 @@ def test_refusals_exit_2_before_anything_is_written(
     assert not (tmp_path / "vllm.yaml").exists()
 
 
-def test_embedded_model_exports_without_a_tokenizer(
+def test_embedded_model_exports_with_its_local_tokenizer(
     cli: Callable[..., Any], tmp_path: Path
 ) -> None:
     result = cli("export", "vllm", "engine=vllm", "gpus=1x80gib", "engine.enforce_eager=true",
                  f"hydra.run.dir={tmp_path}")  # fmt: skip
     assert result.code == 0, result.err
     config = yaml.safe_load((tmp_path / "vllm.yaml").read_text())
-    assert config["skip-tokenizer-init"] is True and config["enforce-eager"] is True
+    assert "skip-tokenizer-init" not in config and config["enforce-eager"] is True
     assert (Path(config["model"]) / "config.json").is_file()
+    assert (Path(config["model"]) / "tokenizer.json").is_file()  # built locally with the model
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ def test_tp_4_on_two_kv_heads_is_refused_by_transformers_with_a_pointer_to_vllm(
         load_deployment(["model=glm-4-9b-chat-hf", "gpus=4x24gib", "parallel=tp4"])
     (problem,) = info.value.problems
     assert problem.path == "parallel.tp_size"
-    assert "2 KV heads do not divide" in problem.message
+    assert "does not divide the model's 2 KV heads" in problem.message
     assert problem.hint is not None and "engine=vllm" in problem.hint
     accepted = load_deployment(
         ["model=glm-4-9b-chat-hf", "gpus=4x24gib", "parallel=tp4", "engine=vllm"]

@@ -177,6 +177,9 @@ def job_run(ctx: JobContext) -> None:
     _generate(ctx, _load(ctx, _plan(ctx)))
 
 
+RANK_COMMANDS = ("load", "generate", "bench", "run")  # what torchrun ranks run (world size > 1)
+
+
 def _launch(ctx: JobContext) -> None:
     """load/generate/bench/run on torchrun ranks: plan here, then the ranks do the rest."""
     from glmdeploy.distributed.launcher import LaunchRequest, launch
@@ -209,7 +212,7 @@ def run_job(ctx: JobContext) -> int:
                             progress=not ctx.json)  # fmt: skip
         writer = RecordWriter(ctx.run_dir).start(record)
     try:
-        if ctx.command != "plan" and runs_on_torchrun(ctx.deployment):
+        if ctx.command in RANK_COMMANDS and runs_on_torchrun(ctx.deployment):
             _launch(ctx)  # tensor/pipeline parallel ranks under torchrun
         else:
             JOBS[ctx.command](ctx)
