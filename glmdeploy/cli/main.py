@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from glmdeploy import __version__
 from glmdeploy.cli import commands
-from glmdeploy.cli.args import Command, HelpRequested, UsageError, parse
+from glmdeploy.cli.args import Args, Command, HelpRequested, UsageError, parse
 from glmdeploy.cli.output import report_error, report_internal_error
 from glmdeploy.problems import ExitCode, GlmDeployError
 
@@ -60,13 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.OK
     except UsageError as exc:
         return _usage_error(exc)
-    if not args.multirun:  # in a sweep a repeated key is an error (load_deployments)
-        from glmdeploy.config.overrides import repeated_keys
-
-        for note in repeated_keys(args.overrides):
-            print(f"note: {note}", file=sys.stderr)
     try:
-        return COMMANDS[args.command].run(args)
+        code = COMMANDS[args.command].run(args)
+        _repeated_key_notes(args)
+        return code
     except UsageError as exc:
         return _usage_error(exc)
     except GlmDeployError as exc:
@@ -82,6 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         report_internal_error(exc)
         return ExitCode.FAILURE
+
+
+def _repeated_key_notes(args: Args) -> None:
+    """After a command that ran: keys given again (in a sweep that is an error already)."""
+    from glmdeploy.config.overrides import repeated_keys
+
+    for note in [] if args.multirun else repeated_keys(args.overrides):
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _usage_error(exc: UsageError) -> int:

@@ -74,8 +74,9 @@ def repeated_keys(overrides: Sequence[str]) -> list[str]:
     """Notes for plain keys given several times in a row outside a sweep (the last one wins)."""
     notes = []
     for run in _runs(overrides):
-        if len(run) > 1 and not _pieces(run):
-            key, values = word_key(run[0]), [w.split("=", 1)[1] for w in run]
+        values = [w.split("=", 1)[1] for w in run if "=" in w]
+        if len(set(values)) > 1 and not _pieces(run):
+            key = word_key(run[0])
             notes.append(
                 f"{key} given {len(run)} times in a row: {key}={clip(values[-1], 60)} is used "
                 f"(bash makes this of an unquoted {key}={{{clip(','.join(values), 60)}}}; "
@@ -170,7 +171,8 @@ def _word_problem(word: str) -> Problem | None:
         )
     raw = word.split("=", 1)[1]
     if key in GROUPS and (value is None or isinstance(value, bool | int | float)):
-        kind = "null" if value is None else f"a {type(value).__name__}"
+        kinds = {bool: "a boolean", int: "an integer", float: "a number"}
+        kind = "null" if value is None else kinds[type(value)]
         return Problem(
             key,
             f"'{clip(raw, 60)}' reads as {kind}, not an option name",
