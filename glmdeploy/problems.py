@@ -106,6 +106,11 @@ def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str 
     return f"did you mean '{lowered[close[0]]}'?" if close else None
 
 
+def clip(text: str, limit: int = 80) -> str:
+    """`text`, cut to `limit` characters with an ellipsis: user input echoed in a message."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def one_of(choices: Iterable[str], limit: int = 12) -> str:
     """`one of a, b, c` — long lists are cut with an ellipsis."""
     items = sorted(str(c) for c in choices)

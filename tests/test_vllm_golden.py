@@ -18,7 +18,7 @@ from glmdeploy.engines.vllm.flags import bad_config_keys
 GIB = 1024**3
 MIB = 1024**2
 FLAGS_FILE = Path(glmdeploy.__file__).parent / "engines" / "vllm" / "serve_flags_0.33.0.txt"
-REMOTE = ["model.source.trust_remote_code=true", "model.source.revision=0123abcd"]
+REMOTE = ["model.source.trust_remote_code=true", "model.source.revision=" + "0123abcd" * 5]
 MODELS = {
     "glm-4-9b-chat-hf": [],
     "glm-4-9b-chat": REMOTE,

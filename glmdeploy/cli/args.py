@@ -18,10 +18,13 @@ if TYPE_CHECKING:
     from glmdeploy.config.locations import ConfigSource
 
 # Hydra flags that take a value, and those that do not (see `python app.py --hydra-help`).
-_HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--experimental-rerun"}
+_HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p"}
 _HYDRA_BARE_FLAGS = {
-    "--multirun", "-m", "--resolve", "--hydra-help", "--run", "-r", "--shell-completion", "-sc",
+    "--multirun", "-m", "--resolve", "--hydra-help", "--run", "-r",
 }  # fmt: skip
+_CFG_VALUES = ("job", "hydra", "all")
+_INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+_PRINT_FLAGS = ("--cfg", "-c", "--info", "--hydra-help")
 _CONFIG_DIR_FLAGS = {"--config-dir", "-cd"}
 _CONFIG_NAME_FLAGS = {"--config-name", "-cn"}
 
@@ -128,6 +131,17 @@ def parse(argv: Sequence[str], commands: Mapping[str, Command]) -> Args:
                 f"{flag} is not supported: glmdeploy's own groups are always used",
                 "add your directory of group options with --config-dir DIR",
             )
+        elif flag in ("--shell-completion", "-sc"):
+            raise UsageError(
+                f"{flag} is not supported: Hydra's completion script does not know glmdeploy's "
+                "commands",
+                "`glmdeploy --help` lists the commands, `ls conf/GROUP` the options",
+            )
+        elif flag == "--experimental-rerun":
+            raise UsageError(
+                f"{flag} is not supported: it unpickles a file, which can run any code",
+                "re-run a recorded job with `glmdeploy replay RUN_DIR`",
+            )
         elif flag == "--info":
             args.hydra_flags.append(item)
             if i + 1 < len(rest) and not rest[i + 1].startswith("-") and "=" not in rest[i + 1]:
@@ -151,6 +165,7 @@ def parse(argv: Sequence[str], commands: Mapping[str, Command]) -> Args:
         else:
             args.overrides.append(item)
         i += 1
+    _check_hydra_flags(args.hydra_flags)
     if len(args.positional) < len(spec.positional):
         missing = " ".join(p.upper() for p in spec.positional[len(args.positional) :])
         raise UsageError(
@@ -180,3 +195,26 @@ _FLAG_EXAMPLES = {
     "--config-name": "glmdeploy plan --config-dir ./deploy --config-name prod",
     "-cn": "glmdeploy plan -cd ./deploy -cn prod",
 }
+
+
+def _check_hydra_flags(flags: list[str]) -> None:
+    """Hydra's flags, checked here so that Hydra's own usage text never reaches the user."""
+    values = {flag: flags[i + 1] if i + 1 < len(flags) else "" for i, flag in enumerate(flags)}
+    cfg = values.get("--cfg", values.get("-c"))
+    if cfg is not None and cfg not in _CFG_VALUES:
+        raise UsageError(f"--cfg: '{cfg}' is not one of {', '.join(_CFG_VALUES)}", "--cfg job")
+    info = values.get("--info")
+    if info is not None and info not in ("", *_INFO_VALUES) and not info.startswith("-"):
+        raise UsageError(
+            f"--info: '{info}' is not one of {', '.join(_INFO_VALUES)}", "--info defaults-tree"
+        )
+    for needs_cfg, name in (("--package", "--package"), ("-p", "--package"), ("--resolve", "")):
+        if needs_cfg in flags and cfg is None:
+            name = name or needs_cfg
+            raise UsageError(f"{name} is used with --cfg only", f"--cfg job {needs_cfg} …")
+    printing = [f for f in flags if f in _PRINT_FLAGS]
+    if printing and ("-m" in flags or "--multirun" in flags):
+        raise UsageError(
+            f"{printing[0]} cannot be combined with -m/--multirun: nothing would run",
+            "`glmdeploy plan -m --dry-run …` lists the jobs; `glmdeploy validate -m …` checks them",
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from glmdeploy.cli.args import Args
+from glmdeploy.cli.args import Args, UsageError
 from glmdeploy.cli.output import print_json
 from glmdeploy.problems import ConfigError, ExitCode, GlmDeployError, Problem
 
@@ -25,11 +25,11 @@ def cmd_validate(args: Args) -> int:
     from glmdeploy.config.deployments import load_deployments
 
     source = args.source()
-    if args.hydra_mode and not args.multirun:
+    jobs = load_deployments(args.overrides, source, sweep=args.multirun)
+    if args.hydra_mode and not args.multirun:  # valid: let Hydra print what was asked
         from glmdeploy.cli.hydra_runner import run_hydra
 
-        return run_hydra(args, source, job=None)
-    jobs = load_deployments(args.overrides, source, sweep=args.multirun)
+        return run_hydra(args, source, None, jobs[0].applied)
     maps = _check_maps(jobs, label=args.multirun)
     for note in dict.fromkeys(n for m in maps if m is not None for n in m.notes):
         print(f"note: {note}", file=sys.stderr)
@@ -71,10 +71,15 @@ def cmd_show(args: Args) -> int:
     from glmdeploy.config.deployments import compose_resolved_yaml
 
     source = args.source()
+    if args.multirun:
+        raise UsageError(
+            "show prints one config; -m/--multirun is for plan, run, … and validate",
+            "`glmdeploy validate -m …` checks each job; `plan -m --dry-run …` lists them",
+        )
     if args.hydra_mode:
         from glmdeploy.cli.hydra_runner import run_hydra
 
-        return run_hydra(args, source, job=None)
+        return run_hydra(args, source, None)
     text, cfg = compose_resolved_yaml(args.overrides, source)
     if args.json:
         print_json(cfg)
@@ -116,7 +121,7 @@ def _run_one(args: Args, source: ConfigSource, job: Job) -> int:
     if args.hydra_mode or job.run.run_dir is None:
         from glmdeploy.cli.hydra_runner import run_hydra
 
-        return run_hydra(args, source, _hydra_job)
+        return run_hydra(args, source, _hydra_job, job.applied)
     from pathlib import Path
 
     from glmdeploy.cli.jobs import JobContext, hydra_job_settings, run_job

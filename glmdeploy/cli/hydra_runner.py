@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from glmdeploy.cli.args import Args
 from glmdeploy.cli.output import report_error, report_internal_error
-from glmdeploy.config.compose import VERSION_BASE, search_path
-from glmdeploy.problems import ConfigError, ExitCode, GlmDeployError, Problem
+from glmdeploy.config.compose import VERSION_BASE, compose_tolerant
+from glmdeploy.config.user_dirs import search_path
+from glmdeploy.problems import ConfigError, ExitCode, GlmDeployError, Problem, clip
 
 if TYPE_CHECKING:
     from glmdeploy.config.locations import ConfigSource
 
 JobFn = Callable[[dict[str, Any], Args], int]
+_PRINT_FLAGS = ("--cfg", "-c", "--info", "--hydra-help")
 _REFUSED: list[GlmDeployError] = []  # what `RunDirCheck` found, raised by `run_hydra`
 
 
@@ -44,15 +49,26 @@ class RunDirCheck:
         raise AttributeError(name)
 
 
-def run_hydra(args: Args, source: ConfigSource, job: JobFn | None) -> int:
+def run_hydra(
+    args: Args, source: ConfigSource, job: JobFn | None, applied: Sequence[str] | None = None
+) -> int:
     """Hand the command line to Hydra; call `job` once per (multi)run job with the resolved config.
 
-    Hydra prints `--cfg`/`--info` itself and creates run directories. A job's GlmDeployError is
-    printed in glmdeploy's format and becomes that job's exit code; the worst code is returned.
+    Hydra only ever sees a command line that glmdeploy composed first: `applied` are the overrides
+    of that composition (`Composition.applied`); without them they are composed here, and every
+    problem is raised in glmdeploy's format before Hydra runs. Hydra prints `--cfg`/`--info`
+    itself and creates run directories; what it prints on a failure of its own is turned into a
+    ConfigError. A job's GlmDeployError is printed in glmdeploy's format and becomes that job's
+    exit code; the worst code is returned.
     """
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
+    if applied is None:
+        composed = compose_tolerant(args.overrides, source)
+        if composed.problems or composed.config is None:
+            raise ConfigError(composed.problems)
+        applied = composed.applied
     codes: list[int] = []
 
     def task(cfg: DictConfig) -> None:
@@ -83,17 +99,26 @@ def run_hydra(args: Args, source: ConfigSource, job: JobFn | None) -> int:
     if job is not None:
         target = f"{RunDirCheck.__module__}.{RunDirCheck.__qualname__}"
         flags.append(f"+hydra.callbacks.glmdeploy_run_dir._target_={target}")
-    saved = sys.argv
-    sys.argv = [f"glmdeploy {args.command}", *flags, *args.overrides]
+    printing = job is None or any(f in flags for f in _PRINT_FLAGS)
+    said = io.StringIO()  # what Hydra says on stderr when it only prints: checked, then passed on
+    saved, root = sys.argv, logging.getLogger()
+    saved_logging = (root.level, root.handlers[:])  # Hydra sets the root logger (--info: DEBUG)
+    sys.argv = [f"glmdeploy {args.command}", *flags, *applied]
     _REFUSED.clear()
     if args.debug:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # the whole traceback, not Hydra's abridged one
     try:
-        with search_path(source), _logging_kept():
+        with (
+            search_path(source),
+            _logging_kept(),
+            contextlib.redirect_stderr(said) if printing else _nothing(),
+        ):
             app()
     except SystemExit as exc:  # Hydra reports its own failures with sys.exit(1)
         if _REFUSED:
             raise _REFUSED[0] from None
+        if exc.code not in (0, None) and printing:
+            raise ConfigError([_hydra_said(said.getvalue())]) from None
         return ExitCode.CONFIG if exc.code not in (0, None) else ExitCode.OK
     except ValueError as exc:  # Hydra's own argument checks, e.g. --resolve without --cfg
         raise ConfigError(
@@ -101,9 +126,12 @@ def run_hydra(args: Args, source: ConfigSource, job: JobFn | None) -> int:
         ) from exc
     finally:
         sys.argv = saved
+        root.setLevel(saved_logging[0])
+        root.handlers[:] = saved_logging[1]
         from hydra.core.global_hydra import GlobalHydra
 
         GlobalHydra.instance().clear()  # let later compose() calls in this process initialise
+    sys.stderr.write(said.getvalue())
     return max(codes, default=ExitCode.OK)
 
 
@@ -127,3 +155,18 @@ def _logging_kept() -> Iterator[None]:
             logger.setLevel(level)
             logger.handlers[:] = handlers
             logger.propagate, logger.disabled = propagate, disabled
+
+
+@contextlib.contextmanager
+def _nothing() -> Any:
+    yield
+
+
+def _hydra_said(text: str) -> Problem:
+    """A Problem from Hydra's own failure message (its usage text and traceback dropped)."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(" ")]
+    lines = [line for line in lines if not line.startswith(("Traceback", "usage:", "Set the"))]
+    message = re.sub(r"^glmdeploy \w+: error: ", "", lines[-1] if lines else "Hydra failed")
+    flag = re.search(r"(--[a-z-]+)", message)
+    path = "--package" if "package" in message else flag.group(1) if flag else "command line"
+    return Problem(path, clip(message, 200), None, "see `glmdeploy --help`")

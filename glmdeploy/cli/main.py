@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from glmdeploy import __version__
 from glmdeploy.cli import commands
-from glmdeploy.cli.args import Command, HelpRequested, UsageError, parse
+from glmdeploy.cli.args import Args, Command, HelpRequested, UsageError, parse
 from glmdeploy.cli.output import guarded
 from glmdeploy.problems import ExitCode
 
@@ -59,14 +59,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage(str(req)))
         return ExitCode.OK
     except UsageError as exc:
-        print(f"error: {exc}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
-        return ExitCode.CONFIG
+        return _usage_error(exc)
     try:
-        return guarded(lambda: COMMANDS[args.command].run(args), as_json=args.json,
+        code = guarded(lambda: COMMANDS[args.command].run(args), as_json=args.json,
                        debug=args.debug)  # fmt: skip
+    except UsageError as exc:
+        return _usage_error(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    _repeated_key_notes(args)
+    return code
+
+
+def _repeated_key_notes(args: Args) -> None:
+    """After a command that ran: keys given again (in a sweep that is an error already)."""
+    from glmdeploy.config.overrides import repeated_keys
+
+    for note in [] if args.multirun else repeated_keys(args.overrides):
+        print(f"note: {note}", file=sys.stderr)
+
+
+def _usage_error(exc: UsageError) -> int:
+    print(f"error: {exc}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+    return ExitCode.CONFIG
 
 
 COMMANDS: dict[str, Command] = {

@@ -39,8 +39,12 @@ def report_internal_error(exc: BaseException) -> None:
 def guarded(call: Callable[[], int], *, as_json: bool, debug: bool) -> int:
     """`call()`'s exit code; a GlmDeployError reported as problems and an unexpected exception as
     an internal error (both re-raised with `debug`). KeyboardInterrupt passes through."""
+    from glmdeploy.cli.args import UsageError
+
     try:
         return call()
+    except UsageError:  # the command line itself: reported as a usage error by `main`
+        raise
     except GlmDeployError as exc:
         if debug:
             raise

@@ -1,4 +1,4 @@
-"""Compose YAML groups and command-line overrides into a plain dict, Hydra's failures as Problems.
+"""Compose YAML groups and command-line overrides into a plain dict, every failure as a Problem.
 
 This is the one place that passes `version_base` to Hydra; `glmdeploy.config.locations` knows
 where the config directories and the schema live.
@@ -6,57 +6,34 @@ where the config directories and the schema live.
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
-from glmdeploy.config.locations import GROUPS, SCHEMA_PATH, SHIPPED_CONF_DIR, ConfigSource
-from glmdeploy.problems import ConfigError, Problem, did_you_mean, one_of
+from glmdeploy.config.hydra_errors import (
+    find_culprit,
+    no_such_key,
+    translate_hydra_error,
+    yaml_problem,
+)
+from glmdeploy.config.hydra_errors import schema_keys as schema_keys  # importable from here too
+from glmdeploy.config.locations import GROUPS as GROUPS
+from glmdeploy.config.locations import SCHEMA_PATH as SCHEMA_PATH
+from glmdeploy.config.locations import SHIPPED_CONF_DIR, ConfigSource
+from glmdeploy.config.overrides import screen_overrides, word_key
+from glmdeploy.config.user_dirs import hydra_changes, search_path
+from glmdeploy.problems import ConfigError, Problem
 
 VERSION_BASE = "1.3"
 CONF_DIR = SHIPPED_CONF_DIR
-
-_QUOTING_HINT = (
-    "quote the whole override for bash: 'key=[a,b]' or 'key={0: 20, 1: 24}'; "
-    "strings with spaces or commas need inner quotes: 'key=\"a, b\"'"
-)
 
 
 def group_options(group: str, source: ConfigSource | None = None) -> list[str]:
     """The options of a config group: the YAML files in its folders, without suffix."""
     return (source or ConfigSource()).group_options(group)
-
-
-_ACTIVE: list[ConfigSource] = []  # the source being composed (innermost last)
-
-
-@contextmanager
-def search_path(source: ConfigSource) -> Iterator[None]:
-    """While active, Hydra (compose API and `hydra.main` alike) searches the user's directories
-    before the shipped groups, through a search-path plugin (Hydra's extension point for this)."""
-    from hydra.core.config_search_path import ConfigSearchPath, SearchPathQuery
-    from hydra.core.plugins import Plugins
-    from hydra.plugins.search_path_plugin import SearchPathPlugin
-
-    class GlmdeployUserDirs(SearchPathPlugin):
-        def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-            for directory in _ACTIVE[-1].user_dirs if _ACTIVE else ():
-                search_path.prepend(
-                    "glmdeploy-user", f"file://{directory}", SearchPathQuery(provider="main")
-                )
-
-    plugins = Plugins.instance()
-    if not any(c.__name__ == "GlmdeployUserDirs" for c in plugins.discover(SearchPathPlugin)):
-        plugins.register(GlmdeployUserDirs)
-    _ACTIVE.append(source)
-    try:
-        yield
-    finally:
-        _ACTIVE.pop()
 
 
 @contextmanager
@@ -112,72 +89,91 @@ class Composition:
         config: the config composed from the acceptable overrides (None if even that failed).
         problems: the problems of the rejected overrides (or of a broken config file).
         choices: group -> the option chosen (`gpus` -> `2x24gib`), as Hydra reports them.
+        applied: the overrides as Hydra must be given them to compose `config` (a `~key` of a
+            key whose value is null becomes `key=null`: Hydra cannot delete a null key).
         run: where and how a job of this config runs (Hydra's run and sweep directories).
     """
 
     config: dict[str, Any] | None
     problems: list[Problem] = field(default_factory=list)
     choices: dict[str, str] = field(default_factory=dict)
+    applied: list[str] = field(default_factory=list)
     run: RunFacts = field(default_factory=RunFacts)
 
 
 def compose_tolerant(overrides: Sequence[str], source: ConfigSource | None = None) -> Composition:
     """Compose, setting aside each override Hydra rejects, so that all of them are reported.
 
-    Hydra stops at the first bad override; this retries without it until the rest composes.
+    Overrides refused by `screen_overrides` never reach Hydra. Hydra stops at the first bad
+    override; this retries without it until the rest composes. Deleting a key whose value is null
+    (`~gpus.max_memory_gib`) means "unset": it is null already, and stays so.
     """
     import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     source = source or ConfigSource()
-    remaining = list(overrides)
-    problems = [p for p in map(_listed_options, remaining) if p is not None]
-    remaining = [o for o in remaining if _listed_options(o) is None]
+    remaining, problems = screen_overrides(overrides)
+    null_deletes: list[str] = []  # `~key` overrides Hydra could not apply: null key, or none
     while True:
         try:
-            config, choices, run = _compose(remaining, source)
-            return Composition(config, problems, choices, run)
+            config, choices, run, hydra = _compose(
+                remaining, source, with_hydra=bool(source.user_dirs)
+            )
         except yaml.MarkedYAMLError as exc:
-            return Composition(None, [*problems, _yaml_problem(exc, source)])
-        except (HydraException, OmegaConfBaseException, ValueError) as exc:
-            problems += translate_hydra_error(exc, remaining, source)
-            culprit = _culprit(exc, remaining)
+            return Composition(None, [*problems, yaml_problem(exc, source)])
+        except ConfigError as exc:  # a user's file refused before Hydra parsed it
+            return Composition(None, [*problems, *exc.problems])
+        except (HydraException, OmegaConfBaseException, ValueError, OSError) as exc:
+            culprit = find_culprit(exc, remaining)
+            if culprit is not None and _is_missing_delete(exc, culprit):
+                null_deletes.append(culprit)
+            else:
+                where = word_key(culprit) if culprit is not None else ""
+                problems += [p if p.path else dataclasses.replace(p, path=where)
+                             for p in translate_hydra_error(exc, remaining, source)]  # fmt: skip
             if culprit is None:
                 return Composition(None, problems)
             remaining.remove(culprit)
+            continue
+        unset = {o for o in null_deletes if _is_null(config, word_key(o))}
+        problems += [no_such_key(word_key(o)) for o in null_deletes if o not in unset]
+        if hydra is not None:
+            problems += hydra_changes(hydra, _shipped_hydra())
+        applied = [f"{word_key(o)}=null" if o in unset else o
+                   for o in overrides if o in remaining or o in unset]  # fmt: skip
+        return Composition(config, problems, choices, applied, run)
 
 
-def _listed_options(override: str) -> Problem | None:
-    """`gpus=[0,1]`: a list or dict for a group, which takes one option (Hydra fails with a
-    TypeError there)."""
-    key, _, value = override.partition("=")
-    group = key.lstrip("+~")
-    if group not in GROUPS or not value.strip().startswith(("[", "{")):
-        return None
-    hint = f"{group}=OPTION; to try several, sweep them: glmdeploy plan -m {group}=a,b"
-    return Problem(group, f"a list or dict for the group '{group}'", "one option name", hint)
-
-
-def _yaml_problem(exc: Any, source: ConfigSource) -> Problem:
-    """A YAML syntax error in a config file, located by group path, file, line and column."""
-    mark = exc.problem_mark or exc.context_mark
-    file = Path(mark.name) if mark is not None else None
-    found = source.relative_name(file) if file is not None else None
-    where = found[1].replace("/", "=", 1) if found is not None else ""
-    at = f"{file}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
-    return Problem(
-        where,
-        f"YAML syntax error in {at}: {exc.problem}",
-        "valid YAML",
-        "look for an unclosed bracket or quote, or a tab for indentation",
+def _is_missing_delete(exc: BaseException, culprit: str) -> bool:
+    return (
+        culprit.startswith("~")
+        and str(exc).startswith("Could not delete from config.")
+        and (str(exc).rstrip().endswith("does not exist."))
     )
 
 
+def _is_null(config: dict[str, Any], key: str) -> bool:
+    node: Any = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return isinstance(node, dict) and leaf in node and node[leaf] is None
+
+
+@lru_cache(maxsize=1)
+def _shipped_hydra() -> dict[str, Any]:
+    """The `hydra` node of glmdeploy's own config, unresolved (what user files may not change)."""
+    hydra = _compose([], ConfigSource(), with_hydra=True)[3]
+    assert hydra is not None
+    return hydra
+
+
 def _compose(
-    overrides: list[str], source: ConfigSource
-) -> tuple[dict[str, Any], dict[str, str], RunFacts]:
-    """The resolved config as a plain dict, the option chosen in each group, and the run facts."""
+    overrides: list[str], source: ConfigSource, *, with_hydra: bool = False
+) -> tuple[dict[str, Any], dict[str, str], RunFacts, dict[str, Any] | None]:
+    """The resolved config as a plain dict, the option chosen in each group, the run facts and
+    (when asked) the unresolved `hydra` node."""
     from hydra import compose
     from omegaconf import OmegaConf, open_dict
 
@@ -193,11 +189,14 @@ def _compose(
         env_set={str(k): str(v) for k, v in (hc.job.env_set or {}).items()},
         chdir=bool(hc.job.chdir),
     )
+    hydra = OmegaConf.to_container(hc, resolve=False) if with_hydra else None
     with open_dict(cfg):
         del cfg["hydra"]
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert isinstance(container, dict)
-    return {str(k): v for k, v in container.items()}, choices, run
+    config = {str(k): v for k, v in container.items()}
+    hydra_node = {str(k): v for k, v in hydra.items()} if isinstance(hydra, dict) else None
+    return config, choices, run, hydra_node
 
 
 def _unresolved_list(node: Any) -> list[Any]:
@@ -218,162 +217,3 @@ def _resolved(cfg: Any, key: str) -> str | None:
     except OmegaConfBaseException:
         return None
     return None if value is None else str(value)
-
-
-def _culprit(exc: BaseException, overrides: list[str]) -> str | None:
-    """The override that made composition fail, if it can be told."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-
-    if isinstance(exc, OverrideParseException):
-        return exc.override if exc.override in overrides else None
-    text = str(exc)
-    names = re.findall(r"'([^']+)'", text)
-    group = re.search(r"Could not find '([^/']+)/", text)
-    if isinstance(exc, MissingConfigException) and group:
-        key = group.group(1)
-    elif getattr(exc, "full_key", None):
-        key = str(exc.full_key)  # type: ignore[attr-defined]
-    elif names:
-        key = names[0]
-    else:
-        return None
-    for override in overrides:
-        if override == key or override.lstrip("+~").split("=", 1)[0] == key:
-            return override
-    return None
-
-
-@lru_cache(maxsize=1)
-def schema_keys() -> dict[str, list[str]]:
-    """Each object path of the schema (`placement`, `model.source`, …) -> its property names."""
-    import json
-
-    schema = json.loads(SCHEMA_PATH.read_text())
-    found: dict[str, list[str]] = {}
-
-    def walk(node: dict[str, Any], path: str) -> None:
-        for variant in node.get("oneOf", []):
-            walk(variant, path)
-        props = node.get("properties")
-        if props:
-            found[path] = sorted(props)
-            for key, sub in props.items():
-                walk(sub, f"{path}.{key}" if path else key)
-        if isinstance(node.get("items"), dict):
-            walk(node["items"], path)
-
-    walk(schema, "")
-    return found
-
-
-def _key_problem(key: str, value: str | None, source: ConfigSource) -> Problem:
-    """A Problem for an override that names a key the config does not have."""
-    parent, _, leaf = key.rpartition(".")
-    groups = [g for g in GROUPS if any((d / g).is_dir() for d in source.search_dirs)]
-    if not parent and leaf not in schema_keys()[""]:
-        hint = did_you_mean(leaf, [*schema_keys()[""], *groups])
-        return Problem(key, "unknown config group or key", one_of(groups), hint)
-    known = schema_keys().get(parent)
-    if known is None:
-        return Problem(
-            key, f"'{parent}' has no sub-keys", None, "check the path with `glmdeploy show`"
-        )
-    if leaf in known:
-        # A real key that this group option does not set (e.g. placement.map without explicit).
-        owner = {
-            "map": "placement=explicit",
-            "plan_file": "placement=plan_file",
-            "ids": "gpus=ids",
-            "count": "gpus=least_used",
-            **dict.fromkeys(
-                ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                 "enforce_eager"),
-                "engine=vllm",
-            ),
-        }  # fmt: skip
-        choose = owner.get(leaf)
-        hint = f"choose {choose} first" if choose else f"add it with +{key}={value or '…'}"
-        if parent == "gpus" and choose:  # a declared fleet of the user's may lack the key
-            hint += f", or add it with +{key}={value or '…'}"
-        return Problem(key, "not set by the selected option", None, hint)
-    hint = did_you_mean(leaf, known)
-    return Problem(key, "unknown key", one_of(known), hint)
-
-
-_OVERRIDE_KEY = re.compile(r"Could not (?:override|append to) '([^']+)'")
-
-
-def translate_hydra_error(
-    exc: BaseException, overrides: Sequence[str], source: ConfigSource | None = None
-) -> list[Problem]:
-    """Turn an exception from Hydra/OmegaConf composition into glmdeploy Problems."""
-    source = source or ConfigSource()
-    from hydra.errors import MissingConfigException, OverrideParseException
-
-    text = str(exc)
-    if isinstance(exc, OverrideParseException):
-        bad = exc.override
-        key = bad.split("=", 1)[0].lstrip("+~") if "=" in bad else bad
-        why = exc.message.splitlines()[0]
-        split_by_shell = "{" not in bad and (
-            "}" in bad or bad.endswith(("=", ":")) or re.search(r"=\[?\w+:", bad) is not None
-        )
-        if split_by_shell:
-            message = f"cannot parse override `{bad}`: split by bash brace expansion?"
-        else:
-            message = f"cannot parse override `{bad}`: {why}"
-        return [Problem(key, message, "key=value, group=option, +key=value or ~key", _QUOTING_HINT)]
-    if isinstance(exc, MissingConfigException):
-        match = re.search(r"Could not find '([^/']+)/([^']+)'", text)
-        if match:
-            group, option = match.groups()
-            options = source.group_options(group)
-            folders = " ".join(f"{d / group}/" for d in source.search_dirs if (d / group).is_dir())
-            hint = did_you_mean(option, options) or f"list them: ls {folders}"
-            return [Problem(group, f"unknown option '{option}'", one_of(options, 20), hint)]
-        return [Problem("", text.splitlines()[0])]
-    match = _OVERRIDE_KEY.search(text)
-    if match:
-        key = match.group(1)
-        value = next(
-            (o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(key + "=")), None
-        )
-        return [_key_problem(key, value, source)]
-    if text.startswith("Could not append to config. An item is already at"):
-        key = text.split("'")[1]
-        return [
-            Problem(
-                key,
-                "already set; '+' only adds new keys",
-                None,
-                f"drop the '+': {key}=…, or use ++{key}=… to add or override",
-            )
-        ]
-    if text.startswith("Could not delete from config"):
-        key = text.split("'")[1]
-        return [
-            Problem(key, "cannot delete: no such key", None, "check the path with `glmdeploy show`")
-        ]
-    if text.startswith("Ambiguous value for argument"):
-        arg = text.split("'")[1]
-        return [
-            Problem(
-                arg,
-                "a comma-separated value is ambiguous",
-                None,
-                "sweep it with --multirun, write a list as key=[a,b], "
-                "or quote a string: 'key=\"a,b\"'",
-            )
-        ]
-    full_key = getattr(exc, "full_key", None)
-    first = text.splitlines()[0] if text else type(exc).__name__
-    if "Interpolation" in type(exc).__name__ or "nterpolation" in first:
-        return [
-            Problem(
-                str(full_key or ""),
-                f"interpolation failed: {first}",
-                None,
-                "interpolations name absolute keys: ${runtime.max_context_tokens}",
-            )
-        ]
-    return [Problem(str(full_key or ""), first)]

@@ -30,6 +30,7 @@ class Job:
     deployment: Deployment
     choices: dict[str, str] = field(default_factory=dict)
     run: RunFacts = field(default_factory=RunFacts)
+    applied: tuple[str, ...] = ()  # the overrides as Hydra must be given them (Composition.applied)
 
 
 def load_deployment(overrides: Sequence[str], source: ConfigSource | None = None) -> Job:
@@ -42,11 +43,14 @@ def load_deployment(overrides: Sequence[str], source: ConfigSource | None = None
     composed = compose_tolerant(overrides, source)
     cfg, problems = composed.config, list(composed.problems)
     if cfg is not None:
-        problems += [_in_user_file(p, composed.choices, source) for p in check(cfg)]
+        said = {p.path for p in problems}  # a refused override's key: said once
+        problems += [_in_user_file(p, composed.choices, source) for p in check(cfg)
+                     if p.path not in said]  # fmt: skip
     if problems or cfg is None:
         raise ConfigError(problems)
     deployment = deployment_from_dict(normalise(cfg))  # checked just above
-    return Job(tuple(overrides), cfg, deployment, composed.choices, composed.run)
+    return Job(tuple(overrides), cfg, deployment, composed.choices, composed.run,
+               tuple(composed.applied))  # fmt: skip
 
 
 def _in_user_file(problem: Problem, choices: dict[str, str], source: ConfigSource) -> Problem:
@@ -77,8 +81,12 @@ def load_deployments(
     """
     if not sweep:
         return [load_deployment(overrides, source)]
+    from glmdeploy.config.overrides import screen_overrides
     from glmdeploy.config.sweep import expand_sweep
 
+    refused = screen_overrides(overrides, sweep=True)[1]
+    if refused:  # said once, not once per job
+        raise ConfigError(refused)
     combos = expand_sweep(overrides)
     results = list(mapper(try_load, [(combo, source) for combo in combos]))
     jobs = [job for job, _ in results if job is not None]

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from glmdeploy.config.map_rules import map_problems
 from glmdeploy.config.settings import LEGACY_DECLARED_MODE, GpuMode, use_mode
-from glmdeploy.problems import Problem
+from glmdeploy.problems import Problem, clip
 
-_RANGE = re.compile(r"^(?P<prefix>.*\.)(?P<start>\d+)(?:-(?P<end>\d+))?$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def is_pinned(revision: str | None) -> bool:
+    """Whether a hub revision names one commit (a full sha); branches and tags can move."""
+    return revision is not None and _COMMIT.fullmatch(revision) is not None
 
 
 def semantic_problems(doc: Mapping[str, Any], schema_clean: bool = True) -> list[Problem]:
@@ -23,7 +32,7 @@ def semantic_problems(doc: Mapping[str, Any], schema_clean: bool = True) -> list
         lambda: _model_rules(doc["model"], doc.get("engine") or {}),
         lambda: _gpu_rules(doc["gpus"]),
         lambda: _precision_rules(doc["precision"], doc["gpus"]),
-        lambda: _placement_rules(doc["placement"], doc["gpus"]),
+        lambda: _placement_rules(doc["placement"], doc["gpus"], doc["model"]),
         lambda: _runtime_rules(doc["runtime"], doc["model"]),
         lambda: _launch_rules(doc.get("launch") or {}, doc.get("parallel") or {}),
         lambda: _engine_rules(doc.get("engine") or {}),
@@ -53,11 +62,12 @@ def _model_rules(model: Mapping[str, Any], engine: Mapping[str, Any]) -> list[Pr
                 f"set model.source.{needs[kind]}=…",
             )
         )
-    if kind == "local" and src.get("path") and not Path(src["path"]).expanduser().is_dir():
+    found, why = _lookup(src["path"]) if kind == "local" and src.get("path") else (None, "")
+    if kind == "local" and src.get("path") and not (found and stat.S_ISDIR(found.st_mode)):
         out.append(
             Problem(
                 "model.source.path",
-                f"'{src['path']}' is not a directory",
+                f"'{clip(src['path'])}' is not a directory{why}",
                 "a checkpoint directory with config.json",
                 "check the path",
             )
@@ -72,12 +82,14 @@ def _model_rules(model: Mapping[str, Any], engine: Mapping[str, Any]) -> list[Pr
             )
         )
     if src.get("trust_remote_code"):
-        if kind == "hub" and not src.get("revision"):
+        revision = src.get("revision")
+        if kind == "hub" and not is_pinned(revision):
+            given = f"'{clip(str(revision))}' is a branch or tag" if revision else "no revision"
             out.append(
                 Problem(
                     "model.source.revision",
-                    "remote code without a pinned revision",
-                    "a commit hash",
+                    f"remote code without a pinned revision ({given})",
+                    "a 40-hex commit hash",
                     "pin model.source.revision=<commit> before "
                     "trusting remote code: a moving branch can change the code",
                 )
@@ -127,7 +139,7 @@ def _gpu_rules(gpus: Mapping[str, Any]) -> list[Problem]:
             )
         )
     ids = ids or []
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dupes:
         out.append(
             Problem(
@@ -211,7 +223,9 @@ def _precision_rules(precision: Mapping[str, Any], gpus: Mapping[str, Any]) -> l
     return out
 
 
-def _placement_rules(placement: Mapping[str, Any], gpus: Mapping[str, Any]) -> list[Problem]:
+def _placement_rules(
+    placement: Mapping[str, Any], gpus: Mapping[str, Any], model: Mapping[str, Any]
+) -> list[Problem]:
     out: list[Problem] = []
     strategy = placement["strategy"]
     for key, owner in (("map", "explicit"), ("plan_file", "plan_file")):
@@ -235,98 +249,32 @@ def _placement_rules(placement: Mapping[str, Any], gpus: Mapping[str, Any]) -> l
                 )
             )
     plan_file = placement.get("plan_file")
-    if strategy == "plan_file" and plan_file and not Path(plan_file).expanduser().is_file():
+    found, why = _lookup(plan_file) if strategy == "plan_file" and plan_file else (None, "")
+    if strategy == "plan_file" and plan_file and not (found and stat.S_ISREG(found.st_mode)):
         out.append(
             Problem(
                 "placement.plan_file",
-                f"'{plan_file}' does not exist",
+                f"'{clip(plan_file)}' does not exist{why}",
                 "a file written by `glmdeploy plan --save FILE`",
                 None,
             )
         )
     if strategy == "explicit" and placement.get("map"):
-        out += _map_rules(placement["map"], placement.get("offload", "none"), gpus)
+        arch = model.get("architecture")
+        layers = arch.get("num_hidden_layers") if isinstance(arch, Mapping) else None
+        offload, mode = placement.get("offload", "none"), gpus.get("mode", "auto")
+        out += map_problems(placement["map"], offload, mode, selected_ids(gpus), layers)
     return out
 
 
-def _map_rules(entries: list[Any], offload: str, gpus: Mapping[str, Any]) -> list[Problem]:
-    out: list[Problem] = []
-    allowed = selected_ids(gpus)
-    spans: list[tuple[str, int, int, int]] = []  # (prefix, start, end, entry) of layer ranges
-    names: dict[str, int] = {}  # plain module name -> entry
-    for i, entry in enumerate(entries):
-        device = entry["device"]
-        where = f"placement.map[{i}].device"
-        if isinstance(device, int) and allowed is not None and device not in allowed:
-            shown = ", ".join(map(str, sorted(allowed))) or "none (gpus=cpu)"
-            out.append(
-                Problem(
-                    where,
-                    f"GPU {device} is not selected (selected: {shown})",
-                    "a selected physical GPU id, cpu or disk",
-                    "maps name physical GPU ids, the same ids as gpus.ids",
-                )
-            )
-        if device == "disk" and offload != "disk":
-            out.append(
-                Problem(
-                    where,
-                    "disk, but placement.offload is not disk",
-                    None,
-                    "allow it: placement.offload=disk",
-                )
-            )
-        if device == "cpu" and offload == "none" and gpus.get("mode") != "cpu":
-            out.append(
-                Problem(
-                    where,
-                    "cpu, but placement.offload=none",
-                    None,
-                    "allow it: placement.offload=cpu",
-                )
-            )
-        modules = [entry["modules"]] if isinstance(entry["modules"], str) else entry["modules"]
-        for name in modules:
-            out += _overlaps(name, i, spans, names)
-    return out
-
-
-def _overlaps(
-    name: str, entry: int, spans: list[tuple[str, int, int, int]], names: dict[str, int]
-) -> list[Problem]:
-    """Record one module pattern; Problems if it repeats or overlaps an earlier one."""
-    where = f"placement.map[{entry}].modules"
-    match = _RANGE.match(name)
-    if not match:
-        if name in names:
-            return [
-                Problem(
-                    where,
-                    f"'{name}' is already placed by placement.map[{names[name]}]",
-                    "each module once",
-                    "remove one of the two entries",
-                )
-            ]
-        names[name] = entry
-        return []
-    prefix, start = match["prefix"], int(match["start"])
-    end = int(match["end"]) if match["end"] is not None else start
-    if end < start:
-        return [
-            Problem(where, f"empty range '{name}'", "start <= end", f"write {prefix}{end}-{start}")
-        ]
-    out = [
-        Problem(
-            where,
-            f"'{name}' overlaps {p}{s}-{e} in placement.map[{j}]",
-            "each layer once",
-            "make the ranges disjoint",
-        )
-        for p, s, e, j in spans
-        if p == prefix and s <= end and start <= e
-    ]
-    spans.append((prefix, start, end, entry))
-    return out
+def _lookup(path: str) -> tuple[os.stat_result | None, str]:
+    """What the file system says of a path, and why it cannot say (` (File name too long)`)."""
+    try:
+        return Path(path).expanduser().stat(), ""
+    except (FileNotFoundError, NotADirectoryError):
+        return None, ""
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        return None, f" ({getattr(exc, 'strerror', None) or exc})"
 
 
 def _launch_rules(launch: Mapping[str, Any], parallel: Mapping[str, Any]) -> list[Problem]:

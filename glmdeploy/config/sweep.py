@@ -17,7 +17,7 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    from glmdeploy.config.compose import translate_hydra_error
+    from glmdeploy.config.hydra_errors import translate_hydra_error
 
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))

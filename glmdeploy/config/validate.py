@@ -7,6 +7,7 @@ validate` must answer in well under a second.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
@@ -15,10 +16,13 @@ from typing import Any
 from glmdeploy.config.locations import SCHEMA_PATH
 from glmdeploy.config.rules import semantic_problems
 from glmdeploy.config.settings import Deployment, deployment_from_dict
-from glmdeploy.problems import ConfigError, Problem, did_you_mean, one_of
+from glmdeploy.problems import ConfigError, Problem, clip, did_you_mean, one_of
 
 MISSING = "???"
 _SIZE_STRING = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?[Bb]|[kmgt]i?b|[KMGT])\s*$")
+_TOKEN_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM])\s*$")
+_DICT_ENTRY = re.compile(r"^\s*\w+\s*:\s*[^\s:{}\[\],]+\s*$")
+_TOO_MANY = ("at most this many items", "at most this many keys")  # then skip each item's own
 _BOUNDS = {
     "minimum": ">=",
     "exclusiveMinimum": ">",
@@ -27,15 +31,22 @@ _BOUNDS = {
     "minItems": "at least this many items:",
     "maxItems": "at most this many items:",
     "minLength": "at least this many characters:",
+    "maxLength": "at most this many characters:",
+    "maxProperties": "at most this many keys:",
 }
 
 
 @lru_cache(maxsize=1)
 def _validator() -> Any:
-    from jsonschema import Draft202012Validator
+    from jsonschema import Draft202012Validator, validators
 
+    # JSON Schema counts 512.0 as an integer; transformers does not: integers must be ints.
+    strict = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    validator = validators.extend(Draft202012Validator, type_checker=strict)
     schema = json.loads(SCHEMA_PATH.read_text())
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
 def key_path(parts: Iterable[str | int]) -> str:
@@ -61,11 +72,14 @@ def validate_dict(cfg: Mapping[str, Any]) -> Deployment:
 def check(cfg: Mapping[str, Any]) -> list[Problem]:
     """Every problem of a composed config: missing values, schema violations, semantic rules."""
     problems = list(_missing(cfg, ()))
-    missing_paths = {p.path for p in problems}
     doc = normalise(cfg, problems)
-    schema_problems = [p for p in _schema_problems(doc) if p.path not in missing_paths]
-    problems += schema_problems
-    problems += semantic_problems(doc, schema_clean=not schema_problems)
+    non_finite = list(_non_finite(doc, ()))
+    said = {p.path for p in problems} | {p.path for p in non_finite}
+    schema_problems = list(_schema_problems(doc))
+    too_long = {p.path for p in schema_problems if (p.expected or "").startswith(_TOO_MANY)}
+    said |= {p.path for p in schema_problems if _within(p.path, too_long)}
+    problems += non_finite + [p for p in schema_problems if p.path not in said]
+    problems += semantic_problems(doc, schema_clean=not schema_problems and not non_finite)
     return sorted(set(problems))
 
 
@@ -81,6 +95,24 @@ def _missing(node: Any, path: tuple[str | int, ...]) -> Iterator[Problem]:
         yield Problem(
             where, "missing mandatory value", None, f"set it on the command line: {where}=…"
         )
+
+
+def _within(path: str, parents: Iterable[str]) -> bool:
+    """Whether `path` is inside one of `parents` (`gpus.ids[3]` is within `gpus.ids`)."""
+    return any(path.startswith((f"{p}.", f"{p}[")) for p in parents)
+
+
+def _non_finite(node: Any, path: tuple[str | int, ...]) -> Iterator[Problem]:
+    """nan and inf anywhere (JSON Schema has no notion of them; YAML reads 1e400 as inf)."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _non_finite(value, (*path, str(key)))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _non_finite(value, (*path, i))
+    elif isinstance(node, float) and not math.isfinite(node):
+        hint = "nan is not a number" if math.isnan(node) else "1e309 and beyond overflow to inf"
+        yield Problem(key_path(path), f"found {node}", "a finite number", hint)
 
 
 def normalise(cfg: Mapping[str, Any], problems: list[Problem] | None = None) -> dict[str, Any]:
@@ -142,7 +174,7 @@ def _translate(error: Any) -> Iterator[Problem]:
         kind = err.validator
         if kind == "additionalProperties" and isinstance(value, dict):
             known = sorted(schema.get("properties", {}))
-            for extra in sorted(set(value) - set(known)):
+            for extra in sorted({str(k) for k in value} - set(known)):
                 where = f"{path}.{extra}" if path else extra
                 yield Problem(where, "unknown key", one_of(known), did_you_mean(extra, known))
         elif kind == "required":
@@ -150,8 +182,20 @@ def _translate(error: Any) -> Iterator[Problem]:
                 if name not in value:
                     where = f"{path}.{name}" if path else name
                     yield Problem(where, "missing required key", None, f"set it: +{where}=…")
+        elif isinstance(value, str) and _TOKEN_COUNT.match(value) and _counts_tokens(path):
+            yield _token_problem(path, value)
         elif isinstance(value, str) and _SIZE_STRING.match(value):
             yield _size_problem(path, value)
+        elif "propertyNames" in err.schema_path and path.endswith("max_memory_gib"):
+            yield Problem(
+                f"{path}.{value}",
+                "not a GPU id",
+                "physical GPU ids (integers)",
+                "write the whole dict: 'gpus.max_memory_gib={0: 20, 1: 24}'",
+            )
+        elif "propertyNames" in err.schema_path:
+            where = f"{path}.{value}" if path else str(value)
+            yield Problem(where, "not a valid name", err.message)
         elif kind == "enum":
             choices = [str(c) for c in err.validator_value]
             yield Problem(
@@ -165,14 +209,12 @@ def _translate(error: Any) -> Iterator[Problem]:
             hint = None
             if isinstance(value, str) and value.startswith(("cuda", "gpu", "GPU")):
                 hint = "name GPUs by their physical id as an integer, e.g. 0"
+            elif isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+                hint = f"write {int(value)}"
+            elif isinstance(value, str) and "object" in expected and _DICT_ENTRY.match(value):
+                key, entry = (part.strip() for part in value.split(":", 1))
+                hint = f"quote the whole override for bash: '{path}={{{key}: {entry}}}'"
             yield Problem(path, f"found {_describe_value(value)}", expected, hint)
-        elif kind == "propertyNames":
-            yield Problem(
-                f"{path}.{value}" if path else str(value),
-                "not a GPU id",
-                "physical GPU ids (integers)",
-                "write the whole dict: 'gpus.max_memory_gib={0: 20, 1: 24}'",
-            )
         elif kind in _BOUNDS:
             yield Problem(
                 path,
@@ -183,20 +225,51 @@ def _translate(error: Any) -> Iterator[Problem]:
         elif kind == "pattern":
             yield Problem(
                 path,
-                f"'{value}' is not well-formed",
+                f"'{clip(str(value))}' is not well-formed",
                 schema.get("description"),
-                _pattern_hint(path),
+                _pattern_hint(path, value),
             )
         else:
             yield Problem(path, err.message, schema.get("description"))
 
 
-def _pattern_hint(path: str) -> str | None:
+def _pattern_hint(path: str, value: Any) -> str | None:
     if "modules" in path:
         return "module names like model.layers.3 or a range model.layers.0-13; no spaces or regexes"
     if path.endswith("hub_id"):
-        return "owner/name, e.g. THUDM/chatglm3-6b"
+        return _hub_id_hint(str(value))
     return None
+
+
+def _hub_id_hint(value: str) -> str:
+    """Why a hub id is refused, by huggingface_hub's rules (`validate_repo_id`)."""
+    if value.startswith(("/", ".", "~")) or value.count("/") > 1 or ".." in value.split("/"):
+        return (
+            "a repository id is owner/name, never a path (no '..', no leading '/' or '.'): "
+            "for a checkpoint directory use model.source.kind=local model.source.path=…"
+        )
+    if "--" in value or ".." in value:
+        return "no '..' or '--' inside a repository id"
+    if value.endswith(".git"):
+        return "a repository id does not end in .git"
+    return "owner/name, e.g. THUDM/chatglm3-6b"
+
+
+def _counts_tokens(path: str) -> bool:
+    return path.endswith(("_tokens", "max_position_embeddings"))
+
+
+def _token_problem(path: str, value: str) -> Problem:
+    """`128k` where a token count belongs: the integer it most likely means (k = 1024 tokens)."""
+    number, unit = _TOKEN_COUNT.match(value).groups()  # type: ignore[union-attr]
+    scale = 1024 if unit in "kK" else 1024**2
+    tokens = round(float(number) * scale)
+    return Problem(
+        path,
+        f"found string {json.dumps(value)}",
+        "integer",
+        f"write {path}={tokens} ({value} tokens = {number} × {scale})",
+    )
 
 
 def _size_problem(path: str, value: str) -> Problem:
@@ -243,7 +316,7 @@ def _describe_value(value: Any) -> str:
         dict: "mapping",
         type(None): "null",
     }
-    shown = json.dumps(value) if not isinstance(value, dict | list) else json.dumps(value)[:60]
+    shown = clip(json.dumps(value), 60)
     return f"{names.get(type(value), type(value).__name__)} {shown}"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
@@ -260,8 +261,9 @@ def _check_ids(
         message = f"{ORDER}={env[ORDER]} is set, but gpus.ids are nvidia-smi (PCI bus) ids"
         hint = f"unset {ORDER} (glmdeploy sets PCI_BUS_ID), or use gpus=auto and UUIDs in {VISIBLE}"
         bad(message, f"{ORDER} unset or PCI_BUS_ID", hint)
-    for gpu_id in sorted({i for i in ids if ids.count(i) > 1}):
-        bad(f"GPU {gpu_id} is listed {ids.count(gpu_id)} times", None, "list each GPU once")
+    for gpu_id, times in sorted(Counter(ids).items()):
+        if times > 1:
+            bad(f"GPU {gpu_id} is listed {times} times", None, "list each GPU once")
     for gpu_id in dict.fromkeys(ids):
         if snapshot.gpu(gpu_id) is None:
             hint = "run `glmdeploy doctor`, or choose gpus=auto"

@@ -10,7 +10,6 @@ is never moved.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from glmdeploy.cache import cache_root as default_cache_root
+from glmdeploy.config.rules import is_pinned
 from glmdeploy.config.settings import CheckpointLayout, Deployment, ModelSource, SourceKind
 from glmdeploy.hardware.gpu_select import GpuAssignment, apply_environment, to_logical
 from glmdeploy.hardware.precision import ResolvedPrecision, resolve_precision, selected_gpus
@@ -206,7 +206,7 @@ def resolve_checkpoint(
     if source.layout is CheckpointLayout.CHATGLM and source.trust_remote_code:
         warnings = ("trust_remote_code is ignored: legacy ChatGLM checkpoints run natively",)
     if source.kind is SourceKind.HUB:
-        _check_pinned(source)
+        _check_hub_source(source)
         if source.layout is CheckpointLayout.NATIVE:
             return str(source.hub_id), warnings
         from huggingface_hub import snapshot_download
@@ -308,8 +308,30 @@ def _load_tokenizer(source: ModelSource, location: str) -> tuple[Any | None, tup
         return None, (f"no tokenizer ({_first_line(exc)}): generate feeds token ids instead",)
 
 
-def _check_pinned(source: ModelSource) -> None:
-    if source.trust_remote_code and not re.fullmatch(r"[0-9a-f]{40}", source.revision or ""):
+def _check_hub_source(source: ModelSource) -> None:
+    """A hub source is a repository id, never a path, and remote code only from a pinned commit.
+
+    transformers reads an id that names a local directory from disk, ignoring the revision: with
+    remote code, it would run whatever Python sits there. Validation refuses such ids already;
+    this is the last check before transformers sees one.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
+
+    hub_id = str(source.hub_id)
+    try:
+        validate_repo_id(hub_id)
+    except HFValidationError as exc:
+        hint = "a checkpoint directory is model.source.kind=local model.source.path=…"
+        raise ConfigError([Problem("model.source.hub_id", str(exc), "owner/name", hint)]) from exc
+    if Path(hub_id).expanduser().exists():
+        message = f"'{hub_id}' is a hub id but also a path here ({Path(hub_id).resolve()})"
+        hint = (
+            "transformers would read it from disk and ignore the revision: use "
+            f"model.source.kind=local model.source.path=./{hub_id}, or run from another directory"
+        )
+        raise ConfigError([Problem("model.source.hub_id", message, "a hub repository", hint)])
+    if source.trust_remote_code and not is_pinned(source.revision):
         message = f"remote code from {source.hub_id} needs a pinned revision, got {source.revision}"
         hint = "set model.source.revision to the full commit sha you have reviewed"
         raise ConfigError([Problem("model.source.revision", message, "a 40-hex commit", hint)])
