@@ -27,8 +27,9 @@ def test_layers_that_do_not_exist_are_refused_by_both(cli: Any, command: str) ->
     args = ["model=chatglm3-6b", "gpus=2x24gib", "placement=explicit", TOO_MANY_LAYERS]
     result = cli(command, *args)
     assert result.code == 2
-    assert "placement.map[1].modules: model.layers.28-40 do not exist" in result.err
-    assert "expected: this model has model.layers.0-27" in result.err
+    assert "placement.map[1].modules: 'model.layers.14-40' reaches layer 40" in result.err
+    assert "the model has 28 layers" in result.err and "write model.layers.14-27" in result.err
+    assert "expected: layers 0-27" in result.err
 
 
 def test_a_misspelt_module_is_caught_with_its_correction(cli: Any) -> None:
@@ -76,6 +77,6 @@ def test_every_job_of_a_sweep_is_checked(cli: Any) -> None:
     result = cli("validate", *args)
     assert result.code == 2
     assert "[model=chatglm3-6b gpus=2x24gib placement=explicit " in result.err
-    assert "model.layers.28-40 do not exist" in result.err
+    assert "reaches layer 40, but the model has 28 layers" in result.err
     assert "[model=glm-4-9b-chat-hf gpus=2x24gib " in result.err  # 40 layers: 0-39
-    assert "modules: model.layers.40 do not exist" in result.err
+    assert "reaches layer 40, but the model has 40 layers" in result.err

@@ -8,7 +8,8 @@ from typing import Any
 
 from glmdeploy.config.compose import RunFacts, compose_dict, compose_tolerant
 from glmdeploy.config.locations import ConfigSource
-from glmdeploy.config.settings import Deployment, deployment_from_dict
+from glmdeploy.config.settings import Deployment
+from glmdeploy.config.typed_view import deployment_from_dict
 from glmdeploy.config.validate import check, normalise
 from glmdeploy.problems import ConfigError, Problem
 

@@ -1,10 +1,11 @@
 """Screen command-line overrides before Hydra sees them: what bash made of them, what they may set.
 
 Hydra applies whatever it is given, including settings that instantiate Python objects
-(`hydra.callbacks`, launchers, logging handlers, `_target_`) or set the environment of the process
-(`hydra.job.env_set`). glmdeploy configs are data: only the output-directory settings it documents
-pass. The screen also catches what bash brace expansion makes of unquoted `{…}` (the same key given
-several times in a row), `???` given as a value, over-long keys and group options that are paths.
+(`hydra.callbacks`, launchers, logging handlers, `_target_`). glmdeploy configs are data: only the
+output-directory settings it documents pass, and `hydra.job.env_set` (the job's environment) from
+the user's own command line (never from a config file: `glmdeploy.config.user_dirs`). The screen
+also catches what bash brace expansion makes of unquoted `{…}` (the same key given several times
+in a row), `???` given as a value, over-long keys and group options that are paths.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ ALLOWED_HYDRA_KEYS = (
     "hydra.job.name",
     "hydra.output_subdir",
     "hydra.verbose",
+)
+ENV_SET = "hydra.job.env_set"  # variables the job sets for itself: allowed on the command line
+# Variables through which a job's environment would run code it does not otherwise run.
+EXECUTING_VARIABLES = frozenset(
+    ("LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME")
 )
 MAX_KEY_CHARS = 200
 MAX_ITEMS = 1024  # Hydra's override parser takes seconds beyond a few thousand items
@@ -221,12 +227,21 @@ def _refused_setting(key: str, package: bool) -> Problem | None:
             "each group has its fixed place in the config",
         )
     root = re.split(r"[./]", key, maxsplit=1)[0]
-    if root == "hydra" and key not in ALLOWED_HYDRA_KEYS:
+    variable = key.removeprefix(f"{ENV_SET}.") if key.startswith(f"{ENV_SET}.") else None
+    if variable in EXECUTING_VARIABLES:
+        return Problem(
+            key,
+            f"not allowed: {variable} makes the dynamic loader or Python run code of its choosing",
+            f"{ENV_SET}.NAME for other variables",
+            f"set {variable} in your own shell if you mean it",
+        )
+    allowed = key in ALLOWED_HYDRA_KEYS or variable is not None
+    if root == "hydra" and not allowed:
         return Problem(
             key,
             "not allowed: Hydra settings other than the output directories can run code "
             "(callbacks, launcher, sweeper, logging handlers) or change the environment",
-            f"one of {', '.join(ALLOWED_HYDRA_KEYS)}",
+            f"one of {', '.join(ALLOWED_HYDRA_KEYS)}, {ENV_SET}.NAME",
             "glmdeploy runs no Python objects named in configs",
         )
     return None

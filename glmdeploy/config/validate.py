@@ -15,7 +15,8 @@ from typing import Any
 
 from glmdeploy.config.locations import SCHEMA_PATH
 from glmdeploy.config.rules import semantic_problems
-from glmdeploy.config.settings import Deployment, deployment_from_dict
+from glmdeploy.config.settings import Deployment
+from glmdeploy.config.typed_view import deployment_from_dict
 from glmdeploy.problems import ConfigError, Problem, clip, did_you_mean, one_of
 
 MISSING = "???"
