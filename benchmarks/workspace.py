@@ -30,8 +30,8 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from glmdeploy.config.settings import Dtype
-from glmdeploy.model.anatomy import build_anatomy
 from glmdeploy.model.live_bytes import LiveBytes
+from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.model.workspace import WorkspaceModel, build_workspace
 
 GLM_4_9B = ("glm", dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696,

@@ -14,8 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from glmdeploy.config.settings import Dtype, Runtime
 from glmdeploy.model import workspace_trace
-from glmdeploy.model.anatomy import build_anatomy
 from glmdeploy.model.live_bytes import LiveBytes
+from glmdeploy.model.skeleton import build_anatomy
 from glmdeploy.model.workspace import (
     GENERATE_FP32_COPIES,
     GENERATE_VOCAB_BYTES,
