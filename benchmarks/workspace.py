@@ -32,7 +32,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from glmdeploy.config.settings import Dtype
 from glmdeploy.model.live_bytes import LiveBytes
 from glmdeploy.model.skeleton import build_anatomy
-from glmdeploy.model.workspace import WorkspaceModel, build_workspace
+from glmdeploy.model.workspace import WorkspaceModel
+from glmdeploy.model.workspace_build import build_workspace
 
 GLM_4_9B = ("glm", dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696,
                         num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2,

@@ -20,10 +20,10 @@ from glmdeploy.model.workspace import (
     GENERATE_FP32_COPIES,
     GENERATE_VOCAB_BYTES,
     WorkspaceModel,
-    build_workspace,
     formula_workspace,
     workspace_bytes,
 )
+from glmdeploy.model.workspace_build import build_workspace
 from glmdeploy.planning.memory import activation_bytes, logits_bytes
 
 TINY: dict[str, dict[str, Any]] = {
