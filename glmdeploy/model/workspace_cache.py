@@ -137,8 +137,9 @@ def _stored(key: str, wkey: str) -> WorkspaceModel | None:
 def _store(key: str, wkey: str, model: WorkspaceModel, fallback: CacheEntry) -> None:
     models: dict[str, Any] = {}
     for extra in stored_extras(key, EXTRA):  # shipped, then the user's: the user's win
-        if isinstance(extra, dict) and extra.get("format") == WORKSPACE_FORMAT:
-            models.update(extra.get("models") or {})
+        found = extra.get("models") if isinstance(extra, dict) else None
+        if isinstance(found, dict) and extra.get("format") == WORKSPACE_FORMAT:
+            models.update(found)
     models[wkey] = model.to_dict()
     save_extra(key, EXTRA, {"format": WORKSPACE_FORMAT, "models": models}, fallback)
 
