@@ -12,12 +12,20 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from glmdeploy.config.settings import CheckpointLayout, ModelSource, ModelSpec, SourceKind, Strategy
-from glmdeploy.model import anatomy_cache
+from glmdeploy.config.settings import (
+    CheckpointLayout,
+    Dtype,
+    ModelSource,
+    ModelSpec,
+    SourceKind,
+    Strategy,
+)
+from glmdeploy.model import anatomy_cache, workspace_cache, workspace_trace
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.model.anatomy_cache import (
     SHIPPED_DIR,
@@ -31,8 +39,15 @@ from glmdeploy.model.anatomy_cache import (
     save_entry,
 )
 from glmdeploy.model.hf_config import config_from_architecture
-from glmdeploy.model.shipped_anatomies import build_entries, shipped_models
+from glmdeploy.model.shipped_anatomies import (
+    SHIPPED_DTYPES,
+    SHIPPED_TARGETS,
+    build_entries,
+    shipped_models,
+)
 from glmdeploy.model.skeleton import build_anatomy
+from glmdeploy.model.workspace import WORKSPACE_FORMAT, WorkspaceModel
+from glmdeploy.model.workspace_cache import workspace_for, workspace_key
 from glmdeploy.planning.strategies import plan_placement
 from glmdeploy.planning.types import DeviceSpec
 
@@ -140,6 +155,56 @@ def test_concurrent_writers_leave_one_valid_entry(cache: Path) -> None:
     assert sorted(p.name for p in entry_path(entry.key).parent.iterdir()) == [f"{entry.key}.json"]
 
 
+def test_a_traced_workspace_is_kept_in_the_entry_and_read_back_without_tracing(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workspace_cache.forget()
+    anatomy = anatomy_for(ODD)
+    traced = workspace_for(ODD, anatomy, Dtype.FP32, target="cpu")
+    assert traced.method == "traced" and traced.target == "cpu"
+    key = entry_key(key_inputs(ODD) or {})
+    stored = json.loads(entry_path(key).read_text())["extras"]["workspace"]
+    assert stored["format"] == WORKSPACE_FORMAT
+    assert list(stored["models"]) == ["fp32/sdpa/default/cpu"]
+    # Another process: the anatomy and its workspace come from the file; nothing is traced.
+    anatomy_cache.forget()
+    workspace_cache.forget()
+    monkeypatch.setattr(workspace_trace, "trace_kinds", _no_tracing)
+    again = workspace_for(ODD, anatomy_for(ODD), Dtype.FP32, target="cpu")
+    assert again == replace(traced, seconds=0.0)
+    # Another dtype is traced (here: the trace fails, so the formula, stored as such) and added.
+    formula = workspace_for(ODD, anatomy_for(ODD), Dtype.BF16, target="cuda")
+    assert formula.method == "formula" and "no tracing here" in formula.note
+    models = json.loads(entry_path(key).read_text())["extras"]["workspace"]["models"]
+    assert set(models) == {"fp32/sdpa/default/cpu", "bf16/sdpa/default/cuda"}
+    workspace_cache.forget()
+
+
+BAD_WORKSPACES = [{"format": 999, "models": {}}, {"format": 1, "models": []}, "oops",
+                  {"format": 1, "models": {"fp32/sdpa/default/cpu": {"kinds": []}}}]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", BAD_WORKSPACES)
+def test_corrupt_workspace_data_is_traced_again(cache: Path, bad: object) -> None:
+    workspace_cache.forget()
+    anatomy = anatomy_for(ODD)
+    key = entry_key(key_inputs(ODD) or {})
+    entry = load_entry(key)
+    assert entry is not None
+    save_entry(replace(entry, extras={"workspace": bad}))
+    model = workspace_for(ODD, anatomy, Dtype.FP32, target="cpu")
+    assert model.method == "traced"
+    stored = json.loads(entry_path(key).read_text())["extras"]["workspace"]
+    assert WorkspaceModel.from_dict(stored["models"]["fp32/sdpa/default/cpu"]) == replace(
+        model, seconds=0.0
+    )
+    workspace_cache.forget()
+
+
+def _no_tracing(*args: object) -> object:
+    raise RuntimeError("no tracing here")
+
+
 def test_an_unwritable_cache_costs_a_rebuild_not_the_plan(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -168,10 +233,17 @@ def test_shipped_anatomies_equal_fresh_builds() -> None:
     assert set(built) == set(shipped_models()) and "glm-4.5-air" in built
     shipped = {p.stem for p in SHIPPED_DIR.glob("*.json")}
     assert shipped == {e.key for e in built.values()}, "stale or missing shipped anatomies"
+    wanted = {workspace_key(d, "sdpa", None, t) for d in SHIPPED_DTYPES for t in SHIPPED_TARGETS}
+    assert {"bf16/sdpa/default/cuda", "fp32/sdpa/default/cpu"} <= wanted
     for name, entry in built.items():
         found = load_entry(entry.key)
         assert found is not None and found.anatomy == entry.anatomy, name
         assert found.inputs == json.loads(json.dumps(entry.inputs)), name
+        # the traced workspaces warm plans need, equal to fresh traces
+        assert found.extras == json.loads(json.dumps(entry.extras)), name
+        models = found.extras["workspace"]["models"]
+        assert set(models) == wanted, name
+        assert {m["method"] for m in models.values()} == {"traced"}, name
 
 
 def test_glm_4_5_air_has_its_qkv_biases() -> None:

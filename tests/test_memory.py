@@ -118,9 +118,21 @@ def test_memory_model_per_unit_terms_and_weights_only() -> None:
     assert mm.dtype == Dtype.BF16 and mm.kv_dtype == Dtype.FP32
     assert mm.unit_weights == tuple(u.bytes(Dtype.BF16, Quantization.INT8) for u in anatomy.units)
     assert [kv > 0 for kv in mm.unit_kv] == [u.kind == "block" for u in anatomy.units]
-    assert mm.reserve == GIB and mm.logits > 0 and mm.activations > 0
+    assert mm.reserve == GIB
+    # No workspace model given: the historical formula, composed as it always was (activations on
+    # every GPU holding a unit, the logits on top where the final norm and head are).
+    activations = activation_bytes(anatomy, runtime, Dtype.BF16)
+    logits = logits_bytes(anatomy, runtime, Dtype.BF16)
+    after = {u.name: u.kind for u in anatomy.units[anatomy.index("model.norm") :]}
+    assert after == {"model.norm": "norm", "lm_head": "head"}
+    assert mm.unit_workspace == tuple(
+        activations + (logits if u.name in after else 0) for u in anatomy.units
+    )
+    assert mm.workspace is not None and mm.workspace.method == "formula"
+    assert mm.workspace_of([0, 1]) == activations and mm.workspace_of([]) == 0
     bare = memory_model(anatomy, Precision(Dtype.BF16), runtime, placement, weights_only=True)
-    assert (bare.reserve, bare.logits, bare.activations, sum(bare.unit_kv)) == (0, 0, 0, 0)
+    assert (bare.reserve, sum(bare.unit_workspace), sum(bare.unit_kv)) == (0, 0, 0)
+    assert bare.workspace is None
 
 
 SPLIT_MAP = (

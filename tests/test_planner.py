@@ -30,7 +30,7 @@ from glmdeploy.config.settings import (
     Strategy,
 )
 from glmdeploy.model.anatomy import Anatomy, Tally, TiedGroup, Unit
-from glmdeploy.planning.memory import memory_model
+from glmdeploy.planning.memory import activation_bytes, logits_bytes, memory_model
 from glmdeploy.planning.partition import min_max_split
 from glmdeploy.planning.strategies import (
     AUTO_TARGET,
@@ -157,15 +157,22 @@ def test_kv_workspace_and_reserve_are_counted_per_device() -> None:
     plan = plan_placement(
         deployment(max_context_tokens=10, reserve_gib=1e-7), anatomy, gpus(5000, 5000, 5000)
     )
-    mm = memory_model(anatomy, Precision(Dtype.BF16), Runtime(10, max_new_tokens=0), Placement(
+    runtime = Runtime(10, max_new_tokens=0)
+    mm = memory_model(anatomy, Precision(Dtype.BF16), runtime, Placement(
         Strategy.BALANCED, reserve_gib=1e-7))  # fmt: skip
+    # A synthetic anatomy has no config to trace: the historical formula, composed as it was:
+    # activations on every GPU holding a unit, the logits on top where the final norm/head are.
+    activations = activation_bytes(anatomy, runtime, Dtype.BF16)
+    logits = logits_bytes(anatomy, runtime, Dtype.BF16)
+    assert plan.workspace is not None and plan.workspace.method == "formula"
+    assert any(n.startswith("workspace: historical formula, not exact") for n in plan.notes)
     kv_layer = 1 * 10 * 3 * 1 * 2 * 2
     for row in plan.rows:
         layers = sum(1 for u in anatomy.blocks if plan.device_map[u.name] == row.device)
         assert row.kv_bytes == layers * kv_layer
-        head_here = plan.device_map[H] == row.device
-        assert row.workspace_bytes == (mm.activations if row.units else 0) + (
-            mm.logits if head_here else 0
+        head_here = row.device in (plan.device_map[N], plan.device_map[H])
+        assert row.workspace_bytes == (activations if row.units else 0) + (
+            logits if head_here else 0
         )
         assert row.reserve_bytes == mm.reserve
         assert (
@@ -189,14 +196,18 @@ def test_user_caps_lower_capacity() -> None:
 
 
 def brute_force(loads: Sequence[int], budgets: Sequence[int], always: Sequence[int],
-                if_used: Sequence[int]) -> float:  # fmt: skip
+                if_used: Sequence[int], peaks: Sequence[int] | None = None,
+                floors: Sequence[int] | None = None) -> float:  # fmt: skip
     n, best = len(loads), math.inf
+    peaks = peaks or [0] * n
+    floors = floors or [0] * len(budgets)
     for cuts in itertools.combinations_with_replacement(range(n + 1), len(budgets) - 1):
         bounds = [0, *cuts, n]
         worst = 0.0
         for d, budget in enumerate(budgets):
-            run = loads[bounds[d] : bounds[d + 1]]
-            load = always[d] + (if_used[d] + sum(run) if run else 0)
+            run = range(bounds[d], bounds[d + 1])
+            load = always[d] + max([floors[d], *(peaks[i] for i in run)])
+            load += if_used[d] + sum(loads[i] for i in run) if run else 0
             worst = max(worst, load / budget if budget > 0 else (math.inf if load else 0.0))
         best = min(best, worst)
     return best
@@ -204,17 +215,25 @@ def brute_force(loads: Sequence[int], budgets: Sequence[int], always: Sequence[i
 
 @settings(max_examples=300, deadline=None)
 @given(
-    loads=st.lists(st.integers(1, 100), max_size=8),
+    items=st.lists(st.tuples(st.integers(1, 100), st.integers(0, 80)), max_size=8),
     devices=st.lists(
-        st.tuples(st.integers(0, 300), st.integers(0, 30), st.integers(0, 30)),
+        st.tuples(st.integers(0, 300), st.integers(0, 30), st.integers(0, 30),
+                  st.integers(0, 40)),
         min_size=1,
         max_size=4,
     ),
-)
-def test_min_max_split_is_optimal(loads: list[int], devices: list[tuple[int, int, int]]) -> None:
-    budgets, always, if_used = (list(x) for x in zip(*devices, strict=True))
-    bounds, util = min_max_split(loads, budgets, always, if_used)
-    best = brute_force(loads, budgets, always, if_used)
+    with_peaks=st.booleans(),
+)  # fmt: skip
+def test_min_max_split_is_optimal(
+    items: list[tuple[int, int]], devices: list[tuple[int, int, int, int]], with_peaks: bool
+) -> None:
+    """Loads add up on a device; peaks (workspace) count once, the largest (and floors)."""
+    loads = [w for w, _ in items]
+    peaks = [p for _, p in items] if with_peaks else None
+    budgets, always, if_used, floors = (list(x) for x in zip(*devices, strict=True))
+    floors = floors if with_peaks else None
+    bounds, util = min_max_split(loads, budgets, always, if_used, peaks, floors)
+    best = brute_force(loads, budgets, always, if_used, peaks, floors)
     if math.isinf(best):
         assert math.isinf(util)
         return
@@ -238,8 +257,10 @@ def test_balanced_plans_are_optimal(
                       Placement(Strategy.BALANCED, reserve_gib=0))  # fmt: skip
     names = [n for n in anatomy.names if not (tied and n == H)]
     cost = [mm.unit_weights[anatomy.index(n)] + mm.unit_kv[anatomy.index(n)] for n in names]
-    cost[names.index(E if tied else H)] += mm.logits
-    best = brute_force(cost, sizes, [0] * len(sizes), [mm.activations] * len(sizes))
+    peaks = [mm.unit_workspace[anatomy.index(n)] for n in names]
+    if tied:  # the head runs where the embedding is
+        peaks[names.index(E)] = mm.unit_workspace[anatomy.index(H)]
+    best = brute_force(cost, sizes, [0] * len(sizes), [0] * len(sizes), peaks)
     assert plan.max_utilisation == pytest.approx(best, rel=1e-9)
 
 

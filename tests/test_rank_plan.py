@@ -161,6 +161,13 @@ def test_gpu_ranks_on_a_declared_fleet(cli: Any, tmp_path: Path) -> None:
     assert any("GPU 2, 3 selected but unused" in n for n in payload["plan"]["notes"])
     # KV heads are split: half of the 40 layers × 2 heads × 128 × 2 × 2 bytes × 32768 tokens.
     assert rows[0]["kv_bytes"] == 40 * 128 * 2 * 2 * 32768
+    # Workspace: the unsharded model's traced peaks, the largest of the blocks' and the head's
+    # (the logits are gathered on every rank).
+    workspace = payload["plan"]["workspace"]
+    assert workspace["method"] == "traced" and workspace["target"] == "cuda"
+    kinds = {k["kind"]: k["bytes"] for k in workspace["kinds"]}
+    assert set(kinds) == {"dense", "head"} and kinds["dense"] > kinds["head"]
+    assert [r["workspace_bytes"] for r in rows] == [kinds["dense"]] * 2
 
 
 def test_a_rank_over_budget_is_named(cli: Any, tmp_path: Path) -> None:

@@ -206,8 +206,11 @@ def test_formula_is_the_fallback_when_tracing_fails(monkeypatch: pytest.MonkeyPa
     assert "RuntimeError: boom" in model.note
     assert replace(model, seconds=0.0) == formula_workspace(anatomy, Dtype.BF16, note=model.note)
     runtime = Runtime(max_context_tokens=300, max_new_tokens=44, batch_size=3)
-    assert workspace_bytes(model, "dense", 256, 3) == activation_bytes(anatomy, runtime, Dtype.BF16)
-    assert workspace_bytes(model, "head", 256, 3) == logits_bytes(anatomy, runtime, Dtype.BF16)
+    activations = activation_bytes(anatomy, runtime, Dtype.BF16)
+    assert workspace_bytes(model, "dense", 256, 3) == activations
+    # the formula's composition: activations on every GPU, the logits on top at the head's
+    head = workspace_bytes(model, "head", 256, 3)
+    assert head == activations + logits_bytes(anatomy, runtime, Dtype.BF16)
 
 
 def test_workspace_module_imports_no_torch() -> None:

@@ -7,7 +7,8 @@ node = rank ÷ ranks per node), through the same memory model as device-map plan
     weights   = Σ the rank's local shard bytes (`rank_tensors`: the stage's units, each parameter
                 split by its TP style, buffers whole)
     KV cache  = the stage's decoder layers × `kv_bytes_per_layer` ÷ tp_size (KV heads are split)
-    workspace = activations + logits, on every rank (GLM's gate_up output is gathered on every TP
+    workspace = the largest of the stage's units' workspaces and the head's, on every rank (the
+                unsharded model's traced workspace: GLM's gate_up output is gathered on every TP
                 rank, and the logits are gathered (TP) or broadcast (PP) to all ranks)
     reserve   = placement.reserve_gib on a GPU rank, 0 on a CPU rank
     capacity  = its GPU (after gpus.max_memory_gib), or the CPU budget ÷ ranks on the node
@@ -36,6 +37,7 @@ from glmdeploy.distributed.shards import (
 )
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.model.hf_config import hf_config_for
+from glmdeploy.model.workspace_cache import workspace_for
 from glmdeploy.planning.budget import TOLERANCE, fingerprint, percent, size
 from glmdeploy.planning.budget import _row as _budget_row
 from glmdeploy.planning.memory import MemoryModel, memory_model
@@ -49,6 +51,7 @@ from glmdeploy.planning.types import (
     Verdict,
     device_label,
 )
+from glmdeploy.planning.workspace_term import workspace_note
 from glmdeploy.problems import ConfigError, Problem
 
 TensorShards = dict[str, tuple[tuple[int, ...], int]]  # tensor -> (local shape, bytes)
@@ -74,13 +77,13 @@ def plan_ranks(
     gpus = [d for d in devices if isinstance(d.key, int)]
     check_plannable(deployment, table, len(gpus))
     local = p.world_size // nnodes
-    memory = memory_model(
-        anatomy,
-        deployment.precision,
-        deployment.runtime,
-        deployment.placement,
-        weights_only=weights_only,
-    )
+    workspace = None
+    if not weights_only:
+        target = "cuda" if gpus else "cpu"
+        workspace = workspace_for(deployment.model, anatomy, deployment.precision.dtype,
+                                  target=target)  # fmt: skip
+    memory = memory_model(anatomy, deployment.precision, deployment.runtime, deployment.placement,
+                          weights_only=weights_only, workspace=workspace)  # fmt: skip
     used = gpus[:local] or [next(d for d in devices if d.key == "cpu")]
     capacities = {d.key: d.capacity_bytes // (1 if gpus else local) for d in used}
     shares = tuple(
@@ -103,15 +106,19 @@ def plan_ranks(
     layout = ParallelLayout(
         p.tp_size, p.pp_size, nnodes, "nccl" if gpus else "gloo", shares, split, replicated
     )
+    notes = _notes(deployment, anatomy, table, layout, gpus, local)
+    if memory.workspace is not None:
+        notes.insert(0, workspace_note(memory.workspace))
     plan = Plan(
         strategy=f"tp {p.tp_size} × pp {p.pp_size}",
         device_map={},
         rows=rows,
         hops=(),
         verdict=rank_verdict(rows),
-        notes=tuple(_notes(deployment, anatomy, table, layout, gpus, local)),
+        notes=tuple(notes),
         fingerprint=fingerprint(anatomy, memory, deployment.runtime, used, capacities),
         parallel=layout,
+        workspace=memory.workspace,
     )
     if not plan.fits:
         raise PlanDoesNotFit(_shortfalls(plan), plan)
@@ -228,7 +235,8 @@ def _row(
     index = {name: i for i, name in enumerate(anatomy.names)}
     weights = sum(nbytes for _, nbytes in tensors.values())
     kv = sum(memory.unit_kv[index[u]] for u in units) // p.tp_size
-    workspace = memory.activations + memory.logits
+    head = [i for i, u in enumerate(anatomy.units) if u.kind == "head"]
+    workspace = memory.workspace_of([*(index[u] for u in units), *head])
     reserve = memory.reserve if isinstance(spec.key, int) else 0
     # The device-map budget row (utilisation rule included), with this rank's own shards.
     row = _budget_row(spec, anatomy, memory, [index[u] for u in units], weights, kv, workspace,

@@ -11,8 +11,11 @@ shipped model options ship with glmdeploy (`SHIPPED_DIR`, see `glmdeploy.model.s
 
 An entry (format `glmdeploy.anatomy/1`) is a JSON object:
 `{"format", "key", "inputs": what the key hashes, "anatomy": Anatomy.to_dict(), "extras": {…}}`.
-`extras` holds further per-architecture data (e.g. a traced `workspace`); readers ignore what they
-do not know. Bump `ANATOMY_FORMAT` when `glmdeploy.model.skeleton` records anything differently.
+`extras` holds further per-architecture data, each with its own format: `workspace`, the traced
+activation workspaces (`glmdeploy.model.workspace_cache`); readers ignore what they do not know.
+Extras are added to an entry later (`save_extra`: the user's entry, started from the shipped one
+if there is one); a concurrent writer may drop another's addition, which only costs recomputing it.
+Bump `ANATOMY_FORMAT` when `glmdeploy.model.skeleton` records anything differently.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import hashlib
 import importlib.metadata
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -102,6 +105,27 @@ def load_entry(key: str) -> CacheEntry | None:
         if entry is not None:
             return entry
     return None
+
+
+def stored_extras(key: str, name: str) -> list[Any]:
+    """`extras[name]` of the shipped entry of `key`, then of the user's, where present and readable
+    (the anatomy itself is not parsed: this is cheap)."""
+    found = []
+    for path in (SHIPPED_DIR / f"{key}.json", entry_path(key)):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format") == FORMAT and data.get("key") == key:
+                found.append(data["extras"][name])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return found
+
+
+def save_extra(key: str, name: str, value: Any, fallback: CacheEntry) -> Path | None:
+    """Store `extras[name] = value` in the user's entry of `key` (started from the shipped entry,
+    else from `fallback`, when there is none); None if it cannot be written, as `save_entry`."""
+    entry = _read(entry_path(key), key) or _read(SHIPPED_DIR / f"{key}.json", key) or fallback
+    return save_entry(replace(entry, extras={**entry.extras, name: value}))
 
 
 def save_entry(entry: CacheEntry) -> Path | None:

@@ -1,10 +1,12 @@
 """The precomputed anatomies of the shipped model options (`conf/model/*.yaml` with architectures).
 
 They are anatomy cache entries (`glmdeploy.model.anatomy_cache`) stored as package data in
-`glmdeploy/model/anatomies/`, so that the first plan of a shipped model option needs no torch. Their
-keys include the transformers and torch versions, so they serve the versions in `constraints.txt`;
-with other versions they are simply not found, and the anatomy is built and cached as usual.
-Regenerate them after changing a model option, the skeleton or the pinned versions:
+`glmdeploy/model/anatomies/`, with the traced workspaces (`glmdeploy.model.workspace_cache`) a plan
+of them needs by default (transformers' default implementations, every dtype, CUDA and CPU targets),
+so that the first plan of a shipped model option needs no torch. Their keys include the
+transformers and torch versions, so they serve the versions in `constraints.txt`; with other
+versions they are simply not found, and the anatomy is built and cached as usual. Regenerate them
+after changing a model option, the skeleton, the tracer or the pinned versions:
 
     python -m glmdeploy.model.shipped_anatomies
 
@@ -19,8 +21,14 @@ from pathlib import Path
 import yaml
 
 from glmdeploy.config.locations import SHIPPED_CONF_DIR
-from glmdeploy.config.settings import Architecture, ModelSource, ModelSpec, SourceKind
+from glmdeploy.config.settings import Architecture, Dtype, ModelSource, ModelSpec, SourceKind
+from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.model.anatomy_cache import SHIPPED_DIR, CacheEntry, entry_key, key_inputs
+from glmdeploy.model.workspace import WORKSPACE_FORMAT
+from glmdeploy.model.workspace_cache import EXTRA, workspace_key
+
+SHIPPED_DTYPES = (Dtype.BF16, Dtype.FP16, Dtype.FP32)
+SHIPPED_TARGETS = ("cuda", "cpu")
 
 
 def shipped_models(conf_dir: Path = SHIPPED_CONF_DIR) -> dict[str, ModelSpec]:
@@ -45,8 +53,21 @@ def build_entries() -> dict[str, CacheEntry]:
         if inputs is None:
             raise RuntimeError("transformers and torch must be installed to build anatomies")
         anatomy = anatomy_from_config(hf_config_for(model))
-        entries[name] = CacheEntry(entry_key(inputs), inputs, anatomy)
+        extras = {EXTRA: shipped_workspaces(anatomy)}
+        entries[name] = CacheEntry(entry_key(inputs), inputs, anatomy, extras)
     return entries
+
+
+def shipped_workspaces(anatomy: Anatomy) -> dict[str, object]:
+    """The workspace models a shipped entry carries (`anatomy` with its live config)."""
+    from glmdeploy.model.workspace_build import build_workspaces
+
+    models = {}
+    for dtype in SHIPPED_DTYPES:
+        built = build_workspaces(anatomy, dtype, SHIPPED_TARGETS)
+        for target, model in zip(SHIPPED_TARGETS, built, strict=True):
+            models[workspace_key(dtype, "sdpa", None, target)] = model.to_dict()
+    return {"format": WORKSPACE_FORMAT, "models": models}
 
 
 def write_shipped(directory: Path = SHIPPED_DIR) -> list[Path]:

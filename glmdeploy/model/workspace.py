@@ -12,6 +12,8 @@ mask), so a device's workspace is the largest of its kinds' (`workspace_bytes`),
 one unit of each kind at real width on fake tensors (`glmdeploy.model.workspace_trace`, which is
 where torch is imported, lazily) and counting live storages op by op; when that fails it falls back
 to the planner's historical formula (`method="formula"`, `formula_workspace`), which is not exact.
+Models are plain data (`to_dict`/`from_dict`): the anatomy cache keeps them
+(`glmdeploy.model.workspace_cache`); bump `WORKSPACE_FORMAT` when what they record changes.
 
 Trace and target: the trace runs CPU kernels on fake tensors. On CPU (torch 2.13) `sdpa` dispatches
 to the CPU flash kernel for unpadded causal prefill in bf16, fp16 and fp32: no T² buffer. On CUDA,
@@ -24,7 +26,9 @@ K/V repeated to every head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from glmdeploy.config.settings import Dtype
 from glmdeploy.model.anatomy import Anatomy, dtype_bytes
@@ -35,9 +39,12 @@ from glmdeploy.model.anatomy import Anatomy, dtype_bytes
 # runs it) four, plus an int64 arange and a bool mask over the vocabulary shared by the batch.
 GENERATE_FP32_COPIES = 4  # per sequence, vocab-sized fp32 tensors
 GENERATE_VOCAB_BYTES = 9  # per vocabulary entry, shared: int64 arange + bool isin mask
-FORMULA_LOGITS_COPIES = 2  # the historical formula's fp32 copies (memory.py LOGITS_COPIES)
+FORMULA_LOGITS_COPIES = 2  # the historical formula's fp32 copies of the logits
 FORMULA_WIDTHS = (3, 3)  # the formula's hidden- and intermediate-sized tensors alive at a peak
 TORCH_DTYPES = {Dtype.BF16: "bfloat16", Dtype.FP16: "float16", Dtype.FP32: "float32"}
+WORKSPACE_FORMAT = (
+    1  # of `WorkspaceModel.to_dict`; bump when it, or what the tracer measures, changes
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,10 @@ class Polynomial:
 
     def coefficients(self) -> tuple[int, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Polynomial:
+        return cls(**{f.name: _integer(data[f.name]) for f in fields(cls)})
 
     def dominates(self, other: Polynomial) -> bool:
         """Every coefficient ≥ the other's: at least as large for every B, T ≥ 0."""
@@ -96,6 +107,14 @@ class KindWorkspace:
     def leading(self, tokens: int, batch: int = 1) -> Polynomial:
         """The phase that is the peak at (tokens, batch)."""
         return max(self.phases, key=lambda p: p.bytes(tokens, batch))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KindWorkspace:
+        phases = tuple(Polynomial.from_dict(p) for p in data["phases"])
+        if not phases:
+            raise ValueError(f"unit kind {data['kind']!r} has no phases")
+        return cls(str(data["kind"]), tuple(_integer(i) for i in data["layers"]),
+                   Polynomial.from_dict(data["entry"]), phases)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,39 @@ class WorkspaceModel:
                 return kind.kind
         raise KeyError(f"layer {layer_index} is not a decoder layer of this model")
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (`seconds` left out: it is not a property of the model)."""
+        data = asdict(self)
+        del data["seconds"]
+        data["dtype"] = str(self.dtype)
+        plain: dict[str, Any] = data
+        return plain
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WorkspaceModel:
+        """The inverse of `to_dict` (KeyError/TypeError/ValueError on malformed data)."""
+        experts = data["experts_implementation"]
+        kinds = tuple(KindWorkspace.from_dict(k) for k in data["kinds"])
+        if not any(k.kind == "head" for k in kinds):
+            raise ValueError("a workspace model needs a `head` kind")
+        return cls(
+            model_type=str(data["model_type"]),
+            dtype=Dtype(data["dtype"]),
+            target=str(data["target"]),
+            attn_implementation=str(data["attn_implementation"]),
+            attention_kernel=str(data["attention_kernel"]),
+            experts_implementation=None if experts is None else str(experts),
+            method=str(data["method"]),
+            kinds=kinds,
+            note=str(data["note"]),
+        )
+
+
+def _integer(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected an integer, found {value!r}")
+    return value
+
 
 def workspace_bytes(model: WorkspaceModel, kind: str, tokens: int, batch: int = 1) -> int:
     """Peak prefill workspace (bytes) of a device while it runs a unit of `kind`.
@@ -178,27 +230,47 @@ def block_kinds(anatomy: Anatomy) -> dict[str, tuple[int, ...]]:
     return kinds
 
 
-def formula_workspace(
-    anatomy: Anatomy, dtype: Dtype, attn_implementation: str = "sdpa", note: str = ""
-) -> WorkspaceModel:
-    """The planner's historical estimate, as a `WorkspaceModel` (`method="formula"`):
-
-        blocks: B × T × (3 × hidden + 3 × intermediate) × size(dtype)
-                (+ B × heads × T² × (4 + size(dtype)) for eager attention)
-        head:   B × vocab × (size(dtype) + 2 × 4)
-
-    It is a guess (MoE layers use the dense `intermediate_size`; fp32 norms, the fused gate/up
-    output and the stream are not counted); kept as the fallback when tracing fails.
-    """
+def formula_activations(
+    anatomy: Anatomy, dtype: Dtype, attn_implementation: str = "sdpa"
+) -> Polynomial:
+    """The historical formula's activations A (`glmdeploy.planning.memory.activation_bytes`):
+    B × T × (3 × hidden + 3 × intermediate) × size(dtype), + B × heads × T² × (4 + size(dtype))
+    for eager attention."""
     size = dtype_bytes(dtype)
     hidden_w, inter_w = FORMULA_WIDTHS
     per_token = (hidden_w * anatomy.hidden_size + inter_w * anatomy.intermediate_size) * size
     per_token2 = anatomy.num_attention_heads * (4 + size) if attn_implementation == "eager" else 0
-    block = Polynomial(per_token=per_token, per_token2=per_token2)
-    kinds = [KindWorkspace(k, layers, Polynomial(), (block,))
+    return Polynomial(per_token=per_token, per_token2=per_token2)
+
+
+def formula_logits(anatomy: Anatomy, dtype: Dtype) -> Polynomial:
+    """The historical formula's logits L (`glmdeploy.planning.memory.logits_bytes`):
+    B × vocab × (size(dtype) + 2 × 4)."""
+    return Polynomial(
+        per_sequence=anatomy.vocab_size * (dtype_bytes(dtype) + 4 * FORMULA_LOGITS_COPIES)
+    )
+
+
+def formula_workspace(
+    anatomy: Anatomy, dtype: Dtype, attn_implementation: str = "sdpa", note: str = ""
+) -> WorkspaceModel:
+    """The planner's historical estimate, as a `WorkspaceModel` (`method="formula"`), from the
+    activations A (`formula_activations`) and logits L (`formula_logits`).
+
+    The formula charged A to every GPU holding a unit and L on top to the head's GPU; under the
+    planner's rule (a device's workspace is the largest of its units' kinds) that is: every block
+    kind A, `head` A + L, and A as every kind's `entry` (the stream, which the planner charges to a
+    device holding only the embedding). It is a guess (MoE layers use the dense
+    `intermediate_size`; fp32 norms, the fused gate/up output and the stream are not counted);
+    kept as the fallback when tracing fails.
+    """
+    block = formula_activations(anatomy, dtype, attn_implementation)
+    kinds = [KindWorkspace(k, layers, block, (block,))
              for k, layers in block_kinds(anatomy).items()]  # fmt: skip
-    head = Polynomial(per_sequence=anatomy.vocab_size * (size + 4 * FORMULA_LOGITS_COPIES))
-    kinds.append(KindWorkspace("head", (), Polynomial(), (head,)))
+    logits = formula_logits(anatomy, dtype)
+    head = Polynomial(per_token=block.per_token, per_token2=block.per_token2,
+                      per_sequence=logits.per_sequence)  # fmt: skip
+    kinds.append(KindWorkspace("head", (), block, (head,)))
     return WorkspaceModel(
         model_type=anatomy.model_type,
         dtype=dtype,

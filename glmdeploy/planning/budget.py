@@ -24,6 +24,7 @@ from glmdeploy.planning.types import (
     device_label,
     summarise,
 )
+from glmdeploy.planning.workspace_term import workspace_note
 
 PCIE_BYTES_PER_S = 25e9  # PCIe 4.0 x16, effective host-to-device
 DISK_BYTES_PER_S = 2e9  # a fast NVMe SSD
@@ -55,7 +56,6 @@ def assemble(
     offloaded = [
         i for k, units in on.items() if k not in gpu_keys and k != execution for i in units
     ]
-    head = {i for i, u in enumerate(anatomy.units) if u.kind == "head"}
 
     rows: list[BudgetRow] = []
     used = [d for d in offload_devices if d.key in on or (d.key == execution and offloaded)]
@@ -65,16 +65,14 @@ def assemble(
         kv = workspace = 0
         if isinstance(spec.key, int) or spec.key == execution:  # where compute happens
             kv = sum(memory.unit_kv[i] for i in units)
-            workspace = memory.activations if units else 0
-            workspace += memory.logits if head & set(units) else 0
+            workspace = memory.workspace_of(units)  # the largest: units run one at a time
         if spec.key == execution and offloaded:
             # Offloaded units run here: their buffers stay here (accelerate offloads parameters
-            # only), their KV cache and logits are made here, and their weights stream in.
+            # only), their KV cache and workspace are made here, and their weights stream in.
             weights += sum(memory.unit_buffers[i] for i in offloaded)
             kv += sum(memory.unit_kv[i] for i in offloaded)
+            workspace = memory.workspace_of([*units, *offloaded])
             workspace += _streaming_buffer(anatomy, memory, offloaded)
-            workspace += memory.logits if head & set(offloaded) else 0
-            workspace += 0 if units else memory.activations
         elif spec.key not in gpu_keys and spec.key != execution:  # offloaded from here
             weights -= sum(memory.unit_buffers[i] for i in units)
         reserve = memory.reserve if isinstance(spec.key, int) else 0
@@ -97,6 +95,7 @@ def assemble(
         notes=tuple(all_notes),
         fingerprint=fingerprint,
         offloaded_bytes=offloaded_bytes,
+        workspace=memory.workspace,
     )
 
 
@@ -206,6 +205,8 @@ def _notes(
     execution: DeviceKey,
 ) -> list[str]:
     notes: list[str] = []
+    if memory.workspace is not None:
+        notes.append(workspace_note(memory.workspace))
     if execution == "cpu" and not any(isinstance(k, int) for k in on):
         ram = sum(memory.unit_weights[i] for i in on.get("cpu", []))
         notes.append(

@@ -247,16 +247,22 @@ def _gpu_fix(
                     hint=f"select {n} such GPUs (gpus.ids, or gpus.declared to plan for them)",
                 )
             ]
+    from glmdeploy.model.workspace_cache import workspace_for
     from glmdeploy.planning.memory import memory_model
 
+    workspace = None if weights_only else workspace_for(
+        deployment.model, anatomy, deployment.precision.dtype, target="cuda")  # fmt: skip
     mm = memory_model(anatomy, deployment.precision, deployment.runtime, deployment.placement,
-                      weights_only=weights_only)  # fmt: skip
-    unit = max(w + kv for w, kv in zip(mm.unit_weights, mm.unit_kv, strict=True))
+                      weights_only=weights_only, workspace=workspace)  # fmt: skip
+    # The unit that needs the most on a GPU of its own: weights, KV cache and its workspace.
+    need = [(w + kv + ws, ws) for w, kv, ws in
+            zip(mm.unit_weights, mm.unit_kv, mm.unit_workspace, strict=True)]  # fmt: skip
+    total, work = max(need)
     return [
         Problem(
             "gpus",
             f"no number of {_gib(largest.capacity_bytes)} GPUs fits: one GPU needs "
-            f"{_gib(mm.activations)} of workspace plus {_gib(unit)} for its largest unit, and has "
+            f"{_gib(work)} of workspace plus {_gib(total - work)} for its largest unit, and has "
             f"{_gib(largest.capacity_bytes - mm.reserve)} usable",
         )
     ]

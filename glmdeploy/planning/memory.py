@@ -7,22 +7,29 @@ A GPU holding units U with decoder blocks L ⊆ U needs
     budget   = capacity − reserve, capacity = min(total memory, gpus.max_memory_gib)
     utilisation = load(U) / budget                            (fits when ≤ 1 on every GPU)
 
-CPU and disk devices hold weights only: no reserve, KV cache or workspace (offloaded units run on
-the execution GPU, which pays for their KV cache, workspace and a streaming buffer; see
-`glmdeploy.planning.strategies`). Nothing here imports torch.
+workspace(U) = max over u ∈ U of `MemoryModel.unit_workspace[u]`: the prefill peak of the unit's
+kind, from the model's traced `WorkspaceModel` (`glmdeploy.model.workspace_cache`), or from the
+historical formula (`activation_bytes`, `logits_bytes`) where tracing is impossible
+(`glmdeploy.planning.workspace_term` has the rule). CPU and disk devices hold weights only: no
+reserve, KV cache or workspace (offloaded units run on the execution GPU, which pays for their KV
+cache, workspace and a streaming buffer; see `glmdeploy.planning.strategies`). Nothing here imports
+torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from glmdeploy.config.settings import GIB, Dtype, Placement, Precision, Quantization, Runtime
 from glmdeploy.model.anatomy import Anatomy, dtype_bytes
-
-LOGITS_COPIES = (
-    2  # generate's fp32 copy of the last-token logits + the processed scores/probabilities
+from glmdeploy.model.workspace import (
+    WorkspaceModel,
+    formula_activations,
+    formula_logits,
+    formula_workspace,
 )
-ACTIVATION_WIDTHS = (3, 3)  # hidden-sized and intermediate-sized tensors alive at a block's peak
+from glmdeploy.planning.workspace_term import WorkspaceTerm, unit_workspace, workspace_term
 
 
 def weights_bytes(
@@ -66,23 +73,26 @@ def prefill_tokens(runtime: Runtime) -> int:
 
 
 def logits_bytes(anatomy: Anatomy, runtime: Runtime, dtype: Dtype) -> int:
-    """Logits workspace, on the device of the head:
+    """The historical formula's logits workspace, on the device of the head (the fallback's):
 
-    batch_size × vocab_size × (size(dtype) + LOGITS_COPIES × 4)
+    batch_size × vocab_size × (size(dtype) + 2 × 4)   (`formula_logits`)
 
     generate() passes `logits_to_keep=1`, so the head computes one position per sequence in prefill
     and in decode (tokens kept = 1); generate then copies those logits to fp32 and the logits
-    processors / softmax make one more fp32 tensor of the same size (LOGITS_COPIES = 2).
+    processors / softmax make one more fp32 tensor of the same size (2 copies; measured: 1 to 4,
+    see `glmdeploy.model.workspace.GENERATE_FP32_COPIES`).
     """
-    return runtime.batch_size * anatomy.vocab_size * (dtype_bytes(dtype) + LOGITS_COPIES * 4)
+    return formula_logits(anatomy, dtype).bytes(prefill_tokens(runtime), runtime.batch_size)
 
 
 def activation_bytes(
     anatomy: Anatomy, runtime: Runtime, dtype: Dtype, attn_implementation: str = "sdpa"
 ) -> int:
-    """Activation workspace of one GPU while it runs its blocks during prefill (the peak):
+    """The historical formula's activation workspace of one GPU while it runs its blocks during
+    prefill (the fallback's; the traced workspace replaces it, see the module docstring):
 
     batch_size × T × (3 × hidden_size + 3 × intermediate_size) × size(dtype),  T = prefill_tokens
+    (`formula_activations`)
 
     Alive at a block's peak: the residual stream, the normed input and the attention output
     (3 × hidden) and the MLP's gate/up projection and activated product (2 + 1 × intermediate;
@@ -91,14 +101,8 @@ def activation_bytes(
     softmax and its cast); sdpa/flash kernels do not. Each GPU that holds a unit gets this once:
     GPUs run one after another, and activations do not outlive a GPU's turn.
     """
-    tokens = runtime.batch_size * prefill_tokens(runtime)
-    hidden_w, inter_w = ACTIVATION_WIDTHS
-    width = hidden_w * anatomy.hidden_size + inter_w * anatomy.intermediate_size
-    total = tokens * width * dtype_bytes(dtype)
-    if attn_implementation == "eager":
-        scores = runtime.batch_size * anatomy.num_attention_heads * prefill_tokens(runtime) ** 2
-        total += scores * (4 + dtype_bytes(dtype))
-    return total
+    model = formula_activations(anatomy, dtype, attn_implementation)
+    return model.bytes(prefill_tokens(runtime), runtime.batch_size)
 
 
 def reserve_bytes(placement: Placement) -> int:
@@ -124,9 +128,10 @@ class MemoryModel:
             the unit is offloaded).
         unit_params: parameter elements per unit.
         unit_kv: the KV cache each unit brings (`kv_bytes_per_layer` for blocks, 0 otherwise).
-        logits: `logits_bytes`, on the head's device.
-        activations: `activation_bytes`, once on every GPU that holds a unit.
+        unit_workspace: the workspace of a device while it runs the unit (`unit_workspace`); a
+            device's workspace is the largest of its units' (`workspace_of`).
         reserve: `reserve_bytes`, on every selected GPU.
+        workspace: where `unit_workspace` comes from (None when weights only).
     """
 
     dtype: Dtype
@@ -136,9 +141,13 @@ class MemoryModel:
     unit_buffers: tuple[int, ...]
     unit_params: tuple[int, ...]
     unit_kv: tuple[int, ...]
-    logits: int
-    activations: int
+    unit_workspace: tuple[int, ...]
     reserve: int
+    workspace: WorkspaceTerm | None = None
+
+    def workspace_of(self, units: Iterable[int]) -> int:
+        """The workspace of a device that runs `units` (indices): the largest of theirs."""
+        return max((self.unit_workspace[i] for i in units), default=0)
 
 
 def memory_model(
@@ -148,16 +157,25 @@ def memory_model(
     placement: Placement,
     *,
     weights_only: bool = False,
-    attn_implementation: str = "sdpa",
+    workspace: WorkspaceModel | None = None,
 ) -> MemoryModel:
     """The memory terms for this deployment; `weights_only` zeroes KV, workspace and reserve.
 
     `precision.dtype` must be concrete (`glmdeploy.hardware.precision.resolve_dtype`).
+    `workspace` is the model's (`glmdeploy.model.workspace_cache.workspace_for`); None: the
+    historical formula (`formula_workspace`).
     """
     dtype = precision.dtype
     dtype_bytes(dtype)  # raises for `auto`
     kv_dtype = dtype if runtime.kv_cache_dtype is Dtype.AUTO else runtime.kv_cache_dtype
     per_layer = 0 if weights_only else kv_bytes_per_layer(anatomy, runtime, kv_dtype)
+    term: WorkspaceTerm | None = None
+    per_unit = (0,) * len(anatomy.units)
+    if not weights_only:
+        model = workspace if workspace is not None else formula_workspace(anatomy, dtype)
+        tokens = prefill_tokens(runtime)
+        per_unit = unit_workspace(anatomy, model, tokens, runtime.batch_size)
+        term = workspace_term(model, tokens, runtime.batch_size)
     return MemoryModel(
         dtype=dtype,
         kv_dtype=kv_dtype,
@@ -168,9 +186,7 @@ def memory_model(
         ),
         unit_params=tuple(u.n_params for u in anatomy.units),
         unit_kv=tuple(per_layer if u.kind == "block" else 0 for u in anatomy.units),
-        logits=0 if weights_only else logits_bytes(anatomy, runtime, dtype),
-        activations=0
-        if weights_only
-        else activation_bytes(anatomy, runtime, dtype, attn_implementation),
+        unit_workspace=per_unit,
         reserve=0 if weights_only else reserve_bytes(placement),
+        workspace=term,
     )

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from glmdeploy.config.settings import GIB, CheckpointLayout, Deployment, Dtype, Strategy
 from glmdeploy.hardware.precision import ASSUMED, GpuCapability, QuantizationSupport, resolve_dtype
 from glmdeploy.model.anatomy import Anatomy
+from glmdeploy.model.workspace_cache import workspace_for
 from glmdeploy.planning import partition
 from glmdeploy.planning.budget import TOLERANCE, assemble, fingerprint, percent
 from glmdeploy.planning.memory import MemoryModel, memory_model
@@ -59,7 +60,8 @@ class _Setup:
     capacities: dict[DeviceKey, int]  # after caps
     offload_devices: tuple[DeviceSpec, ...]  # cpu, then disk, as allowed
     items: tuple[tuple[int, ...], ...]  # unit indices, tied followers glued to their leader
-    item_loads: tuple[int, ...]  # weights + KV (+ logits for the head) per item on a GPU
+    item_loads: tuple[int, ...]  # weights + KV per item on a GPU
+    item_peaks: tuple[int, ...]  # workspace of a GPU running the item (a GPU: its largest)
 
 
 def plan_placement(
@@ -193,10 +195,14 @@ def _setup(
     deployment: Deployment, anatomy: Anatomy, devices: Sequence[DeviceSpec], weights_only: bool
 ) -> _Setup:
     placement = deployment.placement
-    mm = memory_model(
-        anatomy, deployment.precision, deployment.runtime, placement, weights_only=weights_only
-    )
     gpus = tuple(d for d in devices if isinstance(d.key, int))
+    workspace = None
+    if not weights_only:  # traced for the target's kernels: CUDA with GPUs, else the CPU's
+        target = "cuda" if gpus else "cpu"
+        workspace = workspace_for(deployment.model, anatomy, deployment.precision.dtype,
+                                  target=target)  # fmt: skip
+    mm = memory_model(anatomy, deployment.precision, deployment.runtime, placement,
+                      weights_only=weights_only, workspace=workspace)  # fmt: skip
     caps = deployment.gpus.max_memory_gib
     capacities: dict[DeviceKey, int] = {}
     for d in devices:
@@ -219,12 +225,9 @@ def _setup(
     for i, unit in enumerate(anatomy.units):
         leaders.setdefault(anatomy.tied_leader(unit.name), []).append(i)
     items = tuple(tuple(v) for v in leaders.values())
-    head = {i for i, u in enumerate(anatomy.units) if u.kind == "head"}
-    loads = tuple(
-        sum(mm.unit_weights[i] + mm.unit_kv[i] + (mm.logits if i in head else 0) for i in item)
-        for item in items
-    )
-    return _Setup(deployment, anatomy, mm, gpus, capacities, tuple(offload), items, loads)
+    loads = tuple(sum(mm.unit_weights[i] + mm.unit_kv[i] for i in item) for item in items)
+    peaks = tuple(mm.workspace_of(item) for item in items)
+    return _Setup(deployment, anatomy, mm, gpus, capacities, tuple(offload), items, loads, peaks)
 
 
 def _budgets(setup: _Setup, strategy: Strategy) -> list[int]:
@@ -236,18 +239,23 @@ def _budgets(setup: _Setup, strategy: Strategy) -> list[int]:
 
 def _split(
     loads: Sequence[int],
+    peaks: Sequence[int],
     budgets: list[int],
-    always: list[int],
-    if_used: list[int],
+    floors: list[int],
     sequential: bool,
+    always: list[int] | None = None,
 ) -> tuple[list[int], float]:
     """Sequential: fill in order at utilisation 1 (balanced if that fails); else balanced."""
+    always = always if always is not None else [0] * len(budgets)
+    if_used = [0] * len(budgets)
     if sequential:
         prefix = list(itertools.accumulate(loads, initial=0))
-        bounds = partition.greedy_split(prefix, budgets, always, if_used, 1.0)
+        ranges = partition.RangeMax(peaks)
+        bounds = partition.greedy_split(prefix, budgets, always, if_used, 1.0, ranges, floors)
         if bounds is not None:
-            return bounds, partition.utilisation(loads, bounds, budgets, always, if_used)
-    return partition.min_max_split(loads, budgets, always, if_used)
+            return bounds, partition.utilisation(loads, bounds, budgets, always, if_used, peaks,
+                                                 floors)  # fmt: skip
+    return partition.min_max_split(loads, budgets, always, if_used, peaks, floors)
 
 
 def _automatic(setup: _Setup, strategy: Strategy) -> tuple[dict[str, DeviceKey], list[str]]:
@@ -259,11 +267,11 @@ def _automatic(setup: _Setup, strategy: Strategy) -> tuple[dict[str, DeviceKey],
     real = _budgets(setup, Strategy.BALANCED)
     n_gpus = len(budgets)
     sequential = strategy is Strategy.SEQUENTIAL
-    loads = setup.item_loads
-    zero, used = [0] * n_gpus, [setup.memory.activations] * n_gpus
+    loads, peaks = setup.item_loads, setup.item_peaks
+    zero = [0] * n_gpus
     if strategy is Strategy.AUTO and n_gpus > 1:
         for k in range(1, n_gpus + 1):
-            bounds, util = _split(loads, budgets[:k], zero[:k], used[:k], False)
+            bounds, util = _split(loads, peaks, budgets[:k], zero[:k], False)
             if util <= AUTO_TARGET:
                 bounds += [bounds[-1]] * (n_gpus - k)
                 notes.append(
@@ -272,12 +280,13 @@ def _automatic(setup: _Setup, strategy: Strategy) -> tuple[dict[str, DeviceKey],
                 )
                 break
         else:
-            bounds, util = _split(loads, budgets, zero, used, False)
+            bounds, util = _split(loads, peaks, budgets, zero, False)
             notes.append(f"auto: all {n_gpus} GPUs (none fewer stay ≤ {AUTO_TARGET:.0%})")
     else:
-        bounds, util = _split(loads, budgets, zero, used, sequential)
+        bounds, util = _split(loads, peaks, budgets, zero, sequential)
     cut = len(loads)
-    if partition.utilisation(loads, bounds, real, zero, used) > 1 and setup.offload_devices:
+    over = partition.utilisation(loads, bounds, real, zero, zero, peaks) > 1
+    if over and setup.offload_devices:
         cut, bounds = _offload_cut(setup, budgets, sequential)
     assignment: dict[str, DeviceKey] = {}
     for d, gpu in enumerate(setup.gpus):
@@ -292,27 +301,27 @@ def _automatic(setup: _Setup, strategy: Strategy) -> tuple[dict[str, DeviceKey],
 def _offload_cut(setup: _Setup, budgets: list[int], sequential: bool) -> tuple[int, list[int]]:
     """The longest item prefix that fits the GPUs when the rest is offloaded, and its split.
 
-    The execution GPU e (the first one holding items) carries the offloaded items' KV cache and
-    logits, a buffer for the largest of them, and item 0; GPUs before e stay empty. Cut 0 (all
-    off-GPU) means the CPU runs the model, as accelerate does when no GPU holds a module.
+    The execution GPU e (the first one holding items) carries the offloaded items' KV cache, the
+    workspace of running them (at least), a buffer for the largest of them, and item 0; GPUs before
+    e stay empty. Cut 0 (all off-GPU) means the CPU runs the model, as accelerate does when no GPU
+    holds a module.
     """
-    mm, loads, n_gpus = setup.memory, setup.item_loads, len(budgets)
-    head = {i for i, u in enumerate(setup.anatomy.units) if u.kind == "head"}
+    mm, loads, peaks, n_gpus = setup.memory, setup.item_loads, setup.item_peaks, len(budgets)
     for cut in range(len(loads) - 1, 0, -1):
         rest = [i for item in setup.items[cut:] for i in item]
         extra = max(sum(mm.unit_weights[i] for i in item) for item in setup.items[cut:])
         extra += sum(mm.unit_kv[i] + mm.unit_buffers[i] for i in rest)
-        extra += mm.logits if head & set(rest) else 0
         for e in range(n_gpus):
             sub_budgets = [0] * e + budgets[e:]
-            always = [0] * n_gpus
-            always[e] = extra + loads[0] + mm.activations
-            if_used = [mm.activations] * n_gpus
-            if_used[e] = 0
+            always, floors = [0] * n_gpus, [0] * n_gpus
+            always[e] = extra + loads[0]
+            floors[e] = max(peaks[0], *peaks[cut:])
             prefix = list(itertools.accumulate(loads[1:cut], initial=0))
-            if partition.greedy_split(prefix, sub_budgets, always, if_used, 1.0) is None:
+            ranges = partition.RangeMax(peaks[1:cut])
+            if partition.greedy_split(prefix, sub_budgets, always, [0] * n_gpus, 1.0, ranges,
+                                      floors) is None:  # fmt: skip
                 continue
-            sub, _ = _split(loads[1:cut], sub_budgets, always, if_used, sequential)
+            sub, _ = _split(loads[1:cut], peaks[1:cut], sub_budgets, floors, sequential, always)
             return cut, [0] * (e + 1) + [b + 1 for b in sub[e + 1 :]]
     return 0, [0] * (n_gpus + 1)
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from glmdeploy.config.settings import GIB
+from glmdeploy.planning.workspace_term import WorkspaceTerm
 from glmdeploy.problems import DoesNotFitError, Problem
 
 DeviceKey = int | str  # a physical GPU id, "cpu" or "disk"
@@ -214,6 +215,7 @@ class Plan:
         offloaded_bytes: weight bytes on cpu/disk, streamed to the execution GPU every forward
             pass (every generated token).
         parallel: tensor/pipeline-parallel plans: the ranks (one row each); None for device maps.
+        workspace: how the workspace column was obtained; None for weights-only plans.
     """
 
     strategy: str
@@ -225,6 +227,7 @@ class Plan:
     fingerprint: Fingerprint
     offloaded_bytes: int = 0
     parallel: ParallelLayout | None = None
+    workspace: WorkspaceTerm | None = None
 
     @property
     def fits(self) -> bool:
@@ -270,6 +273,7 @@ class Plan:
             fingerprint=Fingerprint(**{f.name: fp[f.name] for f in fields(Fingerprint)}),
             offloaded_bytes=int(data.get("offloaded_bytes", 0)),
             parallel=ParallelLayout.from_dict(data["parallel"]) if data.get("parallel") else None,
+            workspace=WorkspaceTerm.from_dict(data["workspace"]) if data.get("workspace") else None,
         )
 
 
