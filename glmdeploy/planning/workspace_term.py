@@ -123,7 +123,7 @@ def workspace_note(term: WorkspaceTerm) -> str:
     target = "CUDA" if term.target == "cuda" else term.target.upper()
     return (
         f"workspace: traced for {target} ({term.attn_implementation}: {term.attention_kernel} "
-        f"kernel{experts}): {kinds} {at}; a GPU counts the largest kind it runs"
+        f"kernel{experts}): {kinds} {at}; a device needs the largest kind it runs"
     )
 
 
