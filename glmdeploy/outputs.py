@@ -63,15 +63,18 @@ def check_directory(
         raise _refuse(path, message, hint or "free some space, or write somewhere else")
 
 
-def check_file(path: Path | str, what: str, *, hint: str | None = None) -> None:
-    """Raise OutputError unless file `path` can be (over)written: its directory exists, etc."""
+def check_file(
+    path: Path | str, what: str, *, hint: str | None = None, create_parents: bool = False
+) -> None:
+    """Raise OutputError unless file `path` can be (over)written: its directory exists (or, with
+    `create_parents`, can be created), etc."""
     path = Path(path)
     if path.is_dir():
         raise _refuse(path, f"{what} is a directory", hint or "give a file name, e.g. plan.json")
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise _refuse(path, f"cannot write {what}: {parent} is a file, not a directory", hint)
-    if not parent.exists():
+    if not parent.exists() and not create_parents:
         hint = hint or f"create the directory first: mkdir -p {parent}"
         raise _refuse(path, f"cannot write {what}: the directory {parent} does not exist", hint)
     check_directory(parent, f"the directory of {what}", hint=hint)

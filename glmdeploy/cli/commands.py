@@ -186,6 +186,11 @@ def cmd_export(args: Args) -> int:
     if args.out and args.multirun:
         hint = "leave --out off: each job writes vllm.yaml into its own job directory"
         raise ConfigError([Problem("--out", "one file for every job of a sweep", None, hint)])
+    if args.out:
+        from glmdeploy.outputs import check_file
+
+        hint = "give a file you can write, e.g. --out vllm.yaml (missing directories are made)"
+        check_file(args.out, "the vLLM config (--out)", hint=hint, create_parents=True)
     return cmd_job(args)
 
 
