@@ -16,6 +16,7 @@ from pathlib import Path
 from glmdeploy.problems import OutputError, Problem
 
 MIN_FREE_BYTES = 2**20  # a run record, a plan, a picture: refuse a disk with less than this free
+_MAX_SIBLINGS = 1000  # `claim_new_directory`: DIR, DIR-1, … DIR-999
 
 
 def output_error(path: Path | str, exc: OSError, what: str, hint: str | None = None) -> OutputError:
@@ -89,6 +90,27 @@ def make_directory(path: Path | str, what: str, *, hint: str | None = None) -> P
     except OSError as exc:  # root bypasses os.access; read-only mounts, races, quotas
         raise output_error(path, exc, what, hint) from exc
     return path
+
+
+def claim_new_directory(path: Path | str, what: str, *, hint: str | None = None) -> Path:
+    """Create `path`, or the first of `path-1`, `path-2`, … that does not exist yet, and return it.
+
+    For directories named by the clock (Hydra's `outputs/DATE/TIME`): two jobs started in the same
+    second each get their own, so neither writes over the other's record. The creation is the claim
+    (`mkdir` fails if another process made it first), so concurrent jobs cannot pick the same one.
+    """
+    path = make_directory(Path(path).parent, what, hint=hint) / Path(path).name
+    for n in range(_MAX_SIBLINGS):
+        candidate = path if n == 0 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise output_error(candidate, exc, what, hint) from exc
+        return candidate
+    message = f"cannot create {what}: {path} and {_MAX_SIBLINGS - 1} siblings exist"
+    raise _refuse(path, message, hint)
 
 
 def _nearest_existing(path: Path) -> Path:
