@@ -234,3 +234,19 @@ def test_a_job_in_the_same_second_as_another_keeps_its_own_record(
     assert all((d / RUN_JSON).read_text() == '{"theirs": true}\n' for d in theirs)
     (mine,) = tmp_path.glob("outputs/*/*-1/run.json")
     assert read_record(mine.parent).status == "ok" and f"record: {mine}" in result.out
+
+
+@pytest.mark.parametrize("cache", ["{file}", "/proc/glmdeploy-cache"])
+def test_a_cache_under_a_file_is_an_output_error_for_the_embedded_model(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str
+) -> None:
+    """It was exit 4 ('cannot load the model', hint: free some space)."""
+    (tmp_path / "a-file").write_text("mine\n")
+    monkeypatch.setenv("GLMDEPLOY_CACHE", cache.format(file=tmp_path / "a-file"))
+    result = cli("load", "gpus=cpu", f"hydra.run.dir={tmp_path}/run")
+    assert result.code == ExitCode.CONFIG, result.err
+    assert "error: cannot write the output" in result.err
+    assert "cannot create the cache of built models" in result.err
+    assert "GLMDEPLOY_CACHE" in result.err and "Traceback" not in result.err
+    assert (tmp_path / "a-file").read_text() == "mine\n"
+    assert read_record(tmp_path / "run").status == "failed"
