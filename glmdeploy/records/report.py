@@ -80,11 +80,13 @@ def collect_rows(sweep_dir: Path | str) -> list[Row]:
         try:
             records.append((job_dir.name, read_record(job_dir)))
         except GlmDeployError as exc:
-            records.append((job_dir.name, exc.problems[0].message))
+            where = Path(exc.problems[0].path).name  # run.json, or run.json:results
+            records.append((job_dir.name, f"{where}: {exc.problems[0].message}"))
     started = {name for name, _ in records}
     waiting = [(str(num), overrides) for num, overrides in listed if str(num) not in started]
+    planned = {str(num): overrides for num, overrides in listed}  # an unreadable job's too
     swept = swept_values(
-        [r.overrides if isinstance(r, RunRecord) else [] for _, r in records]
+        [r.overrides if isinstance(r, RunRecord) else planned.get(n, []) for n, r in records]
         + [overrides for _, overrides in waiting]
     )
     rows = [
