@@ -130,6 +130,16 @@ def test_an_unreadable_record_keeps_its_swept_values_and_says_which_field(sweep:
     assert rows[1].error == "run.json:results: found null"  # the field, not only "found null"
 
 
+def test_a_report_that_cannot_be_written_is_an_output_error(sweep: Path) -> None:
+    from glmdeploy.problems import OutputError
+
+    (sweep / "report.csv").mkdir()  # in the way: was an internal error after report.md was written
+    with pytest.raises(OutputError, match="cannot write the output") as err:
+        write_report(sweep)
+    assert err.value.problems[0].message == "the report (report.csv) is a directory"
+    assert not (sweep / "report.md").exists() and not (sweep / "report.png").exists()
+
+
 def test_a_single_run_directory_reports_one_row(tmp_path: Path, plan: Plan) -> None:
     write_job(tmp_path, "run", ["precision=bf16"], plan, "ok", 50.0)
     rows = collect_rows(tmp_path / "run")
