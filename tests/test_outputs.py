@@ -143,6 +143,19 @@ def test_a_record_that_cannot_be_started_leaves_nothing(
     assert list((tmp_path / "run").iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["run.json", "resolved.yaml"])
+def test_a_directory_in_the_place_of_the_record_is_an_output_error(
+    cli: Any, tmp_path: Path, name: str
+) -> None:
+    (tmp_path / "run" / name).mkdir(parents=True)  # was an internal error (exit 1)
+    (tmp_path / "run" / name / "theirs").write_text("mine\n")
+    result = cli("plan", "gpus=cpu", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.code == ExitCode.CONFIG, result.err
+    assert f"run/{name}: cannot write the run record: Is a directory" in result.err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [name]
+    assert (tmp_path / "run" / name / "theirs").read_text() == "mine\n"
+
+
 def test_a_record_that_cannot_be_finished_is_removed(
     started: RecordWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
