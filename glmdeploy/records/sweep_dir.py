@@ -12,8 +12,9 @@ A sweep writes `sweep.json` and one numbered job directory per job (`0/`, `1/`, 
   which deletes the old job directories and sweep files first), or the directory was not named by
   the user (Hydra's default `multirun/DATE/TIME`): then the next free `…-1`, `…-2` beside it is
   used.
-- numbered directories that hold files but no job record are the user's: such a directory is
-  refused even with `--overwrite` (nothing of theirs is deleted or written into).
+- numbered directories that hold files but no job record, and folders named like a sweep file,
+  are the user's: such a directory is refused even with `--overwrite` (nothing of theirs is
+  deleted or written into).
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def claim_sweep_dir(root: Path, *, named: bool, overwrite: bool) -> SweepLock:
             if candidate is candidates[-1] or named:
                 raise ConfigError([_locked(candidate, lock)], "the sweep directory is in use")
             continue
-        foreign = foreign_job_dirs(candidate)
-        if foreign:  # a user's own numbered folders: never deleted, never written into
+        foreign = foreign_entries(candidate)
+        if foreign:  # the user's own folders: never deleted, never written into
             lock.release()
             if named:
                 raise ConfigError([_foreign(candidate, foreign)], "the sweep directory is taken")
@@ -90,26 +91,29 @@ def existing_records(root: Path) -> list[str]:
     """The record files and job directories in `root` that a sweep would overwrite."""
     if not root.is_dir():
         return []
-    found = [name for name in SWEEP_FILES if (root / name).exists()]
+    found = [name for name in SWEEP_FILES if (root / name).is_file()]
     jobs = sorted((p for p in root.iterdir() if p.name.isdigit() and p.is_dir()),
                   key=lambda p: int(p.name))  # fmt: skip
     return found + [f"{p.name}/" for p in jobs if _is_job_dir(p)]
 
 
-def foreign_job_dirs(root: Path) -> list[str]:
-    """Numbered directories in `root` that hold files but no job record: not a sweep's, so a sweep
-    must neither delete them (--overwrite) nor write its jobs into them."""
+def foreign_entries(root: Path) -> list[str]:
+    """What in `root` has the name of a sweep's record but is not one: numbered directories that
+    hold files but no job record, and folders named like a sweep file. A sweep must neither delete
+    them (--overwrite) nor write into them."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.isdigit() and p.is_dir()
              and any(p.iterdir()) and not _is_job_dir(p)]  # fmt: skip
-    return [f"{p.name}/" for p in sorted(found, key=lambda p: int(p.name))]
+    jobs = [f"{p.name}/" for p in sorted(found, key=lambda p: int(p.name))]
+    named = [f"{n}/" for n in SWEEP_FILES if (root / n).exists() and not (root / n).is_file()]
+    return named + jobs
 
 
 def clear_records(root: Path) -> None:
     """Delete the sweep files and numbered job directories of an earlier sweep (--overwrite)."""
     for name in SWEEP_FILES:
-        with contextlib.suppress(FileNotFoundError):
+        if (root / name).is_file():
             (root / name).unlink()
     for path in root.iterdir():
         if path.name.isdigit() and path.is_dir() and _is_job_dir(path):
@@ -176,8 +180,8 @@ def _foreign(root: Path, folders: list[str]) -> Problem:
     shown = ", ".join(folders[:6]) + (f", … ({len(folders)} in all)" if len(folders) > 6 else "")
     return Problem(
         "hydra.sweep.dir",
-        f"{root} holds numbered folders that are not a sweep's jobs (no run.json): {shown}; "
-        "a sweep writes its jobs into 0/, 1/, … and --overwrite would delete them",
+        f"{root} holds folders that are not a sweep's records (no run.json): {shown}; a sweep "
+        "writes its jobs and files there (0/, 1/, …, sweep.json) and --overwrite deletes them",
         "an empty or new directory",
         "move those folders away, or choose another: hydra.sweep.dir=DIR",
     )
