@@ -16,6 +16,7 @@ from pathlib import Path
 from glmdeploy.problems import OutputError, Problem
 
 MIN_FREE_BYTES = 2**20  # a run record, a plan, a picture: refuse a disk with less than this free
+_MAX_SIBLINGS = 1000  # `claim_new_directory`: DIR, DIR-1, … DIR-999
 
 
 def output_error(path: Path | str, exc: OSError, what: str, hint: str | None = None) -> OutputError:
@@ -63,15 +64,18 @@ def check_directory(
         raise _refuse(path, message, hint or "free some space, or write somewhere else")
 
 
-def check_file(path: Path | str, what: str, *, hint: str | None = None) -> None:
-    """Raise OutputError unless file `path` can be (over)written: its directory exists, etc."""
+def check_file(
+    path: Path | str, what: str, *, hint: str | None = None, create_parents: bool = False
+) -> None:
+    """Raise OutputError unless file `path` can be (over)written: its directory exists (or, with
+    `create_parents`, can be created), etc."""
     path = Path(path)
     if path.is_dir():
         raise _refuse(path, f"{what} is a directory", hint or "give a file name, e.g. plan.json")
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise _refuse(path, f"cannot write {what}: {parent} is a file, not a directory", hint)
-    if not parent.exists():
+    if not parent.exists() and not create_parents:
         hint = hint or f"create the directory first: mkdir -p {parent}"
         raise _refuse(path, f"cannot write {what}: the directory {parent} does not exist", hint)
     check_directory(parent, f"the directory of {what}", hint=hint)
@@ -86,6 +90,27 @@ def make_directory(path: Path | str, what: str, *, hint: str | None = None) -> P
     except OSError as exc:  # root bypasses os.access; read-only mounts, races, quotas
         raise output_error(path, exc, what, hint) from exc
     return path
+
+
+def claim_new_directory(path: Path | str, what: str, *, hint: str | None = None) -> Path:
+    """Create `path`, or the first of `path-1`, `path-2`, … that does not exist yet, and return it.
+
+    For directories named by the clock (Hydra's `outputs/DATE/TIME`): two jobs started in the same
+    second each get their own, so neither writes over the other's record. The creation is the claim
+    (`mkdir` fails if another process made it first), so concurrent jobs cannot pick the same one.
+    """
+    path = make_directory(Path(path).parent, what, hint=hint) / Path(path).name
+    for n in range(_MAX_SIBLINGS):
+        candidate = path if n == 0 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise output_error(candidate, exc, what, hint) from exc
+        return candidate
+    message = f"cannot create {what}: {path} and {_MAX_SIBLINGS - 1} siblings exist"
+    raise _refuse(path, message, hint)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -134,6 +134,38 @@ def test_a_corrupt_entry_is_ignored_and_rebuilt(cache: Path, content: str) -> No
     assert entry is not None and entry.anatomy == anatomy_for(ODD)
 
 
+WELL_FORMED_BUT_WRONG = [
+    ("head_dim", -5),  # made a plan with a long context loop for ever
+    ("num_key_value_heads", 0),
+    ("hidden_size", True),
+    ("units", []),  # a plan of nothing "fitted"
+    ("units.0.kind", "bogus"),
+    ("units.0.n_params", -1),
+    ("units.1.params.compute", -1000),
+    ("units.1.params.compute", 1.5),
+]
+
+
+@pytest.mark.parametrize(("where", "value"), WELL_FORMED_BUT_WRONG)
+def test_an_entry_with_impossible_values_is_ignored_and_rebuilt(
+    cache: Path, where: str, value: object
+) -> None:
+    built = anatomy_for(ODD)
+    path = entry_path(entry_key(key_inputs(ODD) or {}))
+    data = json.loads(path.read_text())
+    *parents, last = where.split(".")
+    node = data["anatomy"]
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[last] = value
+    path.write_text(json.dumps(data))
+    anatomy_cache.forget()
+    assert cached_anatomy(ODD) is None
+    assert anatomy_for(ODD) == built
+    entry = load_entry(entry_key(key_inputs(ODD) or {}))
+    assert entry is not None and entry.anatomy == built
+
+
 def test_an_entry_with_another_key_inside_is_not_served(cache: Path) -> None:
     key = entry_key(key_inputs(ODD) or {})
     other = anatomy_for(ModelSpec("t", ODD.source, TINY_ARCH))  # 4 layers

@@ -227,3 +227,10 @@ def test_debug_shows_the_traceback() -> None:
 
     with pytest.raises(ConfigError):
         main(["validate", "--debug", "gpus=4x24"])
+
+
+def test_a_null_value_is_described_once(cli: Any) -> None:
+    result = cli("validate", "runtime.batch_size=null")
+    assert result.code == 2
+    # it said "found null null"
+    assert "  runtime.batch_size: found null\n    expected: integer" in result.err

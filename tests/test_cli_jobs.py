@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +184,28 @@ def test_hydra_job_settings_apply_to_the_job_only(cli: Any, tmp_path: Path) -> N
     assert result.code == 0, result.err
     assert {p.name for p in run.iterdir()} == {"run.json", "plan.json", "plan.png", "resolved.yaml"}
     assert Path.cwd() == before_cwd and dict(os.environ) == before_env
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_job_as_ctrl_c_does_and_the_record_says_interrupted(
+    tmp_path: Path,
+) -> None:
+    """`kill`, `timeout` and schedulers send SIGTERM: the record must not stay `running`."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glmdeploy", "generate", "gpus=cpu", "runtime.max_new_tokens=4000",
+         "runtime.max_context_tokens=8192", f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    record = run_dir / "run.json"
+    deadline = time.monotonic() + 120
+    while not (record.is_file() and json.loads(record.read_text())["status"] == "running"):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("the job never started")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert json.loads(record.read_text())["status"] == "interrupted"

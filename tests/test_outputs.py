@@ -143,6 +143,19 @@ def test_a_record_that_cannot_be_started_leaves_nothing(
     assert list((tmp_path / "run").iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["run.json", "resolved.yaml"])
+def test_a_directory_in_the_place_of_the_record_is_an_output_error(
+    cli: Any, tmp_path: Path, name: str
+) -> None:
+    (tmp_path / "run" / name).mkdir(parents=True)  # was an internal error (exit 1)
+    (tmp_path / "run" / name / "theirs").write_text("mine\n")
+    result = cli("plan", "gpus=cpu", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.code == ExitCode.CONFIG, result.err
+    assert f"run/{name}: cannot write the run record: Is a directory" in result.err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [name]
+    assert (tmp_path / "run" / name / "theirs").read_text() == "mine\n"
+
+
 def test_a_record_that_cannot_be_finished_is_removed(
     started: RecordWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,3 +211,55 @@ def test_a_job_whose_record_fills_the_disk_ends_failed_not_running(
     assert "Traceback" not in result.err
     saved = json.loads((tmp_path / RUN_JSON).read_text())
     assert saved["status"] == "failed"
+
+
+def test_a_claimed_directory_is_never_one_that_exists(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from glmdeploy.outputs import claim_new_directory
+
+    (tmp_path / "out" / "12-00-00").mkdir(parents=True)
+    first = claim_new_directory(tmp_path / "out" / "12-00-00", "the run directory")
+    assert first == tmp_path / "out" / "12-00-00-1" and first.is_dir()
+    with ThreadPoolExecutor(8) as pool:  # jobs started in the same second
+        claimed = list(pool.map(lambda _: claim_new_directory(first.parent / "x", "d"), range(8)))
+    assert len(set(claimed)) == 8 and all(p.is_dir() for p in claimed)
+
+
+def test_a_job_in_the_same_second_as_another_keeps_its_own_record(
+    cli: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hydra's default run directory is named to the second: it was shared, and the later job
+    wrote its run.json, plan.json and plan.png over the earlier one's."""
+    import datetime
+
+    monkeypatch.chdir(tmp_path)
+    now = datetime.datetime.now()
+    theirs = []
+    for s in range(-1, 30):  # every name the job can get while this test runs
+        when = now + datetime.timedelta(seconds=s)
+        run_dir = tmp_path / "outputs" / when.strftime("%Y-%m-%d") / when.strftime("%H-%M-%S")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_JSON).write_text('{"theirs": true}\n')
+        theirs.append(run_dir)
+    result = cli("plan", "gpus=2x24gib")
+    assert result.code == 0, result.err
+    assert all((d / RUN_JSON).read_text() == '{"theirs": true}\n' for d in theirs)
+    (mine,) = tmp_path.glob("outputs/*/*-1/run.json")
+    assert read_record(mine.parent).status == "ok" and f"record: {mine}" in result.out
+
+
+@pytest.mark.parametrize("cache", ["{file}", "/proc/glmdeploy-cache"])
+def test_a_cache_under_a_file_is_an_output_error_for_the_embedded_model(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str
+) -> None:
+    """It was exit 4 ('cannot load the model', hint: free some space)."""
+    (tmp_path / "a-file").write_text("mine\n")
+    monkeypatch.setenv("GLMDEPLOY_CACHE", cache.format(file=tmp_path / "a-file"))
+    result = cli("load", "gpus=cpu", f"hydra.run.dir={tmp_path}/run")
+    assert result.code == ExitCode.CONFIG, result.err
+    assert "error: cannot write the output" in result.err
+    assert "cannot create the cache of built models" in result.err
+    assert "GLMDEPLOY_CACHE" in result.err and "Traceback" not in result.err
+    assert (tmp_path / "a-file").read_text() == "mine\n"
+    assert read_record(tmp_path / "run").status == "failed"

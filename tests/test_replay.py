@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import datetime
+import json
+from pathlib import Path
 from typing import Any
 
 from glmdeploy.config.settings import GIB
@@ -101,3 +104,19 @@ def test_a_changed_or_missing_checkpoint_is_named() -> None:
         "checkpoint local /ckpt (native layout) → none (no weights)",
         f"checkpoint fingerprint {'a' * 12}… → absent",
     ]
+
+
+def test_two_replays_in_the_same_second_keep_both_records(cli: Any, tmp_path: Path) -> None:
+    """A replay's directory is named to the second: a second replay wrote over the first."""
+    run = tmp_path / "run"
+    assert cli("plan", "gpus=2x24gib", f"hydra.run.dir={run}").code == 0
+    now = datetime.datetime.now()
+    for s in range(-1, 30):  # every name a replay can get while this test runs: all taken
+        when = (now + datetime.timedelta(seconds=s)).strftime("%Y%m%d-%H%M%S")
+        (run / "replays" / when).mkdir(parents=True, exist_ok=True)
+        (run / "replays" / when / "run.json").write_text("theirs\n")
+    assert cli("replay", str(run)).code == 0
+    assert cli("replay", str(run)).code == 0
+    mine = sorted(run.glob("replays/*-*-*/run.json"))  # STAMP-1, STAMP-2
+    assert len(mine) == 2 and all(json.loads(p.read_text())["status"] == "ok" for p in mine)
+    assert all(p.read_text() == "theirs\n" for p in run.glob("replays/*/run.json") if p not in mine)

@@ -113,6 +113,33 @@ def test_unreadable_records_are_rows_and_jobs_sort_by_number(sweep: Path) -> Non
     assert "| 10 | unreadable |" in markdown(rows)
 
 
+def test_an_unreadable_record_keeps_its_swept_values_and_says_which_field(sweep: Path) -> None:
+    import json
+
+    def overrides(n: int) -> Any:
+        return json.loads((sweep / str(n) / "run.json").read_text())["overrides"]
+
+    jobs = [{"num": n, "overrides": overrides(n)} for n in range(4)]
+    (sweep / "sweep.json").write_text(json.dumps({"command": "plan", "jobs": jobs}))
+    broken = json.loads((sweep / "1" / "run.json").read_text())
+    broken["results"] = None
+    (sweep / "1" / "run.json").write_text(json.dumps(broken))
+    rows = collect_rows(sweep)
+    assert rows[1].status == "unreadable"
+    assert rows[1].swept == {"precision": "bf16", "placement": "auto"}  # from sweep.json
+    assert rows[1].error == "run.json:results: found null"  # the field, not only "found null"
+
+
+def test_a_report_that_cannot_be_written_is_an_output_error(sweep: Path) -> None:
+    from glmdeploy.problems import OutputError
+
+    (sweep / "report.csv").mkdir()  # in the way: was an internal error after report.md was written
+    with pytest.raises(OutputError, match="cannot write the output") as err:
+        write_report(sweep)
+    assert err.value.problems[0].message == "the report (report.csv) is a directory"
+    assert not (sweep / "report.md").exists() and not (sweep / "report.png").exists()
+
+
 def test_a_single_run_directory_reports_one_row(tmp_path: Path, plan: Plan) -> None:
     write_job(tmp_path, "run", ["precision=bf16"], plan, "ok", 50.0)
     rows = collect_rows(tmp_path / "run")

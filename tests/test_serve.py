@@ -157,6 +157,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: Ser
     cases: list[tuple[dict[str, Any], int, str | None]] = [
         ({"model": "nope"}, 404, "model_not_found"),
         ({"prompt": "x " * CONTEXT}, 400, "context_length_exceeded"),
+        ({"prompt": ""}, 400, "invalid_value"),  # was a 500: generate got no token
+        ({"prompt": "", "stream": True}, 400, "invalid_value"),
         ({"max_tokens": -1}, 400, "invalid_value"),
         ({"max_tokens": 0}, 400, "invalid_value"),
         ({"max_tokens": CONTEXT}, 400, "context_length_exceeded"),

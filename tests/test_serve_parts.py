@@ -95,6 +95,7 @@ def test_sampling_takes_the_request_then_the_runtime_defaults() -> None:
     ("prompt_tokens", "body", "param", "code"),
     [
         (100, {}, "prompt", "context_length_exceeded"),
+        (0, {}, "prompt", "invalid_value"),  # an empty prompt: nothing to generate from
         (60, {"max_tokens": 41}, "max_tokens", "context_length_exceeded"),
         (10, {"max_tokens": 51}, "max_tokens", "invalid_value"),  # over max_tokens_per_request
     ],

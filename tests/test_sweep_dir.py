@@ -65,6 +65,34 @@ def test_overwrite_replaces_every_old_record(cli: Any, tmp_path: Path) -> None:
     assert record["overrides"] == ["runtime.batch_size=4"]
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_numbered_folders_of_the_user_are_neither_deleted_nor_written_into(
+    cli: Any, tmp_path: Path, overwrite: bool
+) -> None:
+    root = tmp_path / "sweep"
+    (root / "0").mkdir(parents=True)
+    (root / "0" / "important.txt").write_text("precious\n")  # not a job: no run.json
+    flags = ["--overwrite"] if overwrite else []
+    result = cli("plan", "-m", *flags, "precision=bf16,fp16", f"hydra.sweep.dir={root}")
+    assert result.code == 2, result.err  # --overwrite deleted 0/ with the user's file in it
+    assert "folders that are not a sweep's records (no run.json): 0/" in result.err
+    assert sorted(p.name for p in root.rglob("*")) == ["0", "important.txt"]
+    assert (root / "0" / "important.txt").read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("name", ["sweep.json", "report.md"])
+def test_a_folder_named_like_a_sweep_file_is_refused_not_an_internal_error(
+    cli: Any, tmp_path: Path, name: str
+) -> None:
+    root = tmp_path / "sweep"
+    (root / name).mkdir(parents=True)
+    (root / name / "x").write_text("mine\n")
+    result = cli("plan", "-m", "--overwrite", "precision=bf16,fp16", f"hydra.sweep.dir={root}")
+    assert result.code == 2, result.err  # --overwrite unlinked it: IsADirectoryError, exit 1
+    assert f"not a sweep's records (no run.json): {name}/" in result.err
+    assert (root / name / "x").read_text() == "mine\n"
+
+
 def test_overwrite_is_for_sweeps_only(cli: Any, tmp_path: Path) -> None:
     result = cli("plan", "--overwrite", f"hydra.run.dir={tmp_path}")
     assert result.code == 2 and "--overwrite" in result.err

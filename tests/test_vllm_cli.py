@@ -102,6 +102,23 @@ def test_refusals_exit_2_before_anything_is_written(
     assert not (tmp_path / "vllm.yaml").exists()
 
 
+@pytest.mark.parametrize(
+    ("out", "words"),
+    [(".", "is a directory"), ("a-file/vllm.yaml", "a-file is a file, not a directory"),
+     ("/proc/vllm.yaml", "virtual file system")],
+)  # fmt: skip
+def test_an_out_file_that_cannot_be_written_exits_2_before_anything_runs(
+    cli: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str, words: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("mine\n")
+    result = cli("export", "vllm", *BASE, "--out", out, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.code == 2, result.err  # was an internal error (exit 1) after the fit check
+    assert "cannot write the output" in result.err and words in result.err
+    assert "--out vllm.yaml" in result.err and "Traceback" not in result.err
+    assert (tmp_path / "a-file").read_text() == "mine\n" and not (tmp_path / "run").exists()
+
+
 def test_embedded_model_exports_with_its_local_tokenizer(
     cli: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -125,11 +125,14 @@ def _run_one(args: Args, source: ConfigSource, job: Job) -> int:
     from pathlib import Path
 
     from glmdeploy.cli.jobs import JobContext, hydra_job_settings, run_job
-    from glmdeploy.outputs import check_directory
+    from glmdeploy.outputs import check_directory, claim_new_directory
 
     run_dir = Path(job.run.run_dir).absolute()  # as Hydra's runtime.output_dir
-    check_directory(run_dir, "the run directory (hydra.run.dir)",
-                    hint="set hydra.run.dir=DIR to a directory you can write")  # fmt: skip
+    hint = "set hydra.run.dir=DIR to a directory you can write"
+    check_directory(run_dir, "the run directory (hydra.run.dir)", hint=hint)
+    if not any(o.lstrip("+").startswith("hydra.run.dir=") for o in args.overrides):
+        # Hydra's default outputs/DATE/TIME: a job started in the same second must not share it.
+        run_dir = claim_new_directory(run_dir, "the run directory (hydra.run.dir)", hint=hint)
     ctx = JobContext(
         command=args.command, config=job.config, deployment=job.deployment, run_dir=run_dir,
         overrides=list(job.run.task_overrides), choices=dict(job.choices), json=args.json,
@@ -186,6 +189,11 @@ def cmd_export(args: Args) -> int:
     if args.out and args.multirun:
         hint = "leave --out off: each job writes vllm.yaml into its own job directory"
         raise ConfigError([Problem("--out", "one file for every job of a sweep", None, hint)])
+    if args.out:
+        from glmdeploy.outputs import check_file
+
+        hint = "give a file you can write, e.g. --out vllm.yaml (missing directories are made)"
+        check_file(args.out, "the vLLM config (--out)", hint=hint, create_parents=True)
     return cmd_job(args)
 
 

@@ -273,10 +273,11 @@ def replay_run(run_dir: Path, *, json_out: bool = False) -> int:
 
     Differences in the environment or checkpoint are printed before running; afterwards the new
     plan and generated tokens are compared with the recorded ones. The replay is recorded in
-    `<run dir>/replays/<time>/`.
+    `<run dir>/replays/<time>/` (`<time>-1`, … when taken).
     """
     from glmdeploy.config.validate import validate_dict
     from glmdeploy.hardware.environment import environment_facts
+    from glmdeploy.outputs import claim_new_directory
     from glmdeploy.records.record import WEIGHTLESS_COMMANDS, checkpoint_facts, read_record
     from glmdeploy.records.replay import differences
 
@@ -306,9 +307,10 @@ def replay_run(run_dir: Path, *, json_out: bool = False) -> int:
     print(f"replaying {record.command} from {run_dir} (recorded {record.status})", file=out)
     for line in diffs or ["environment and checkpoint match the record"]:
         print(f"  {'differs: ' if diffs else ''}{line}", file=out)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # a second replay in the same second: STAMP-1
+    replay_dir = claim_new_directory(run_dir / "replays" / stamp, "the replay's run directory")
     ctx = JobContext(command=record.command, config=config, deployment=deployment,
-                     run_dir=run_dir / "replays" / stamp, overrides=list(record.overrides),
+                     run_dir=replay_dir, overrides=list(record.overrides),
                      choices=dict(record.choices), json=json_out)  # fmt: skip
     run_job(ctx)
     mismatches = _compare(record.plan, record.results, ctx)

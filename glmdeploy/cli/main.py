@@ -13,6 +13,7 @@ from glmdeploy import __version__
 from glmdeploy.cli import commands
 from glmdeploy.cli.args import Args, Command, HelpRequested, UsageError, parse
 from glmdeploy.cli.output import guarded
+from glmdeploy.interrupts import sigterm_as_interrupt
 from glmdeploy.problems import ExitCode
 
 
@@ -61,8 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         return _usage_error(exc)
     try:
-        code = guarded(lambda: COMMANDS[args.command].run(args), as_json=args.json,
-                       debug=args.debug)  # fmt: skip
+        with sigterm_as_interrupt():  # `kill`/`timeout` stop a job as Ctrl-C does: recorded
+            code = guarded(lambda: COMMANDS[args.command].run(args), as_json=args.json,
+                           debug=args.debug)  # fmt: skip
     except UsageError as exc:
         return _usage_error(exc)
     except KeyboardInterrupt:

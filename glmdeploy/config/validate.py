@@ -317,6 +317,8 @@ def _describe_value(value: Any) -> str:
         dict: "mapping",
         type(None): "null",
     }
+    if value is None:
+        return "null"  # not "null null"
     shown = clip(json.dumps(value), 60)
     return f"{names.get(type(value), type(value).__name__)} {shown}"
 

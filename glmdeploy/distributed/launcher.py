@@ -22,16 +22,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
 from glmdeploy.config.settings import Deployment, Rendezvous
 from glmdeploy.distributed import launch_command as lc
 from glmdeploy.distributed import rank_record as rr
 from glmdeploy.distributed.spec import LaunchSpec, NodeGpu
+from glmdeploy.interrupts import sigterm_as_interrupt
 from glmdeploy.problems import ConfigError, Problem
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def supervise(
     )
     started, joined = time.monotonic(), False
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             while True:
                 try:
                     return proc.wait(timeout=POLL_S), joined
@@ -270,21 +270,3 @@ def _stop_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM to glmdeploy becomes a KeyboardInterrupt, so it is forwarded and recorded."""
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave SIGTERM alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

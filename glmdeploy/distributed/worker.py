@@ -17,7 +17,6 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from glmdeploy.distributed import rank_record
 from glmdeploy.distributed.rank_load import load_rank, rank_label
 from glmdeploy.distributed.rank_record import RankRecord
 from glmdeploy.distributed.spec import LaunchSpec
+from glmdeploy.interrupts import raise_interrupt
 from glmdeploy.loading.loader import LoadedModel
 from glmdeploy.planning.types import Plan
 from glmdeploy.problems import GlmDeployError, HardwareError, LoadError, Problem
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     label = rank_label(rank, plan.rows[rank].device, local_rank if spec.gpus else "cpu")
     mine = RankRecord(rank, world, int(os.environ.get("GROUP_RANK", 0)), local_rank, label)
     mine.write(run_dir)
-    signal.signal(signal.SIGTERM, _interrupt)  # torchrun stops ranks with SIGTERM
+    signal.signal(signal.SIGTERM, raise_interrupt)  # torchrun stops ranks with SIGTERM
     try:
         _join(spec, device)
         mine.status = "running"
@@ -215,10 +215,6 @@ def _log_to_file(run_dir: Path, rank: int) -> None:
     if rank != 0:
         os.dup2(log, 1)
     os.close(log)
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from glmdeploy.config.settings import Architecture
 from glmdeploy.hardware.environment import package_version
 from glmdeploy.loading.embedded_tokenizer import write_tokenizer
 from glmdeploy.model.hf_config import config_from_architecture
-from glmdeploy.problems import LoadError, Problem
+from glmdeploy.outputs import make_directory, output_error
 from glmdeploy.staging import publish, recover, staging
 
 __all__ = ["CACHE_ENV", "MARKER", "cache_root", "embedded_key", "materialize"]  # cache: re-exported
@@ -56,23 +56,23 @@ def materialize(architecture: Architecture, seed: int, root: Path | None = None)
 
     Raises:
         ConfigError: transformers cannot build this architecture.
-        LoadError: the cache directory cannot be written.
+        OutputError: the cache directory cannot be written (exit 2, like any output).
     """
     root = Path(root) if root is not None else cache_root() / "embedded"
     key = embedded_key(architecture, seed)
     target = root / key[:20]
     if (target / MARKER).is_file():
         return target
+    hint = f"set {CACHE_ENV} to a directory you can write, with room for the model"
+    make_directory(root, "the cache of built models", hint=hint)  # an output: exit 2 if it fails
     try:
-        root.mkdir(parents=True, exist_ok=True)
         recover(root)  # what killed runs left: nothing to tell, the cache is glmdeploy's own
         with staging(target) as staged:
             _write(staged.tmp, architecture, seed, key)
             if not (target / MARKER).is_file():  # else another process finished first: keep it
                 publish(staged)
     except OSError as exc:
-        hint = f"free some space, or set {CACHE_ENV} to another directory"
-        raise LoadError([Problem(str(target), f"cannot write it: {exc}", hint=hint)]) from exc
+        raise output_error(target, exc, "the built model", hint) from exc
     return target
 
 

@@ -223,8 +223,10 @@ class Anatomy:
         values["config_dtype"] = None if dtype is None else Dtype(dtype)
         anatomy = cls(**values)
         for name in _INT_FIELDS:
-            if not isinstance(getattr(anatomy, name), int):
-                raise TypeError(f"{name} must be an integer")
+            if not _is_count(getattr(anatomy, name)) or getattr(anatomy, name) < 1:
+                raise ValueError(f"{name} must be a positive integer")
+        if not anatomy.units:  # a plan of nothing would "fit"
+            raise ValueError("an anatomy has at least one unit")
         return anatomy
 
     def index(self, name: str) -> int:
@@ -256,6 +258,7 @@ class Anatomy:
         return name
 
 
+UNIT_KINDS = frozenset({"embedding", "block", "norm", "head", "rotary", "other"})
 _INT_FIELDS = ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads",
                "num_key_value_heads", "head_dim")  # fmt: skip
 _TALLIES = ("params", "persistent_buffers", "other_buffers")
@@ -268,8 +271,17 @@ def _unit_dict(unit: Unit) -> dict[str, Any]:
     return data
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _unit_from(data: Mapping[str, Any]) -> Unit:
     tallies = {name: Tally(**data[name]) for name in _TALLIES}
+    # Negative or non-integer sizes would make every budget below them meaningless.
+    if not all(_is_count(n) for t in tallies.values() for n in _fields(t)):
+        raise ValueError(f"unit {data['name']!r}: element counts must be integers >= 0")
+    if data["kind"] not in UNIT_KINDS or not _is_count(data["n_params"]):
+        raise ValueError(f"unit {data['name']!r}: malformed kind or n_params")
     index = data["layer_index"]
     return Unit(
         name=str(data["name"]),

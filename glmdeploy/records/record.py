@@ -186,13 +186,17 @@ class RecordWriter:
         import yaml
 
         text = yaml.safe_dump(_plain(record.config), sort_keys=False, allow_unicode=True)
+        target = self.run_dir / RESOLVED_YAML
         try:
-            atomic.write_text(self.run_dir / RESOLVED_YAML, text)
-            atomic.write_text(self.run_dir / RUN_JSON, self._text())
+            atomic.write_text(target, text)
+            target = self.run_dir / RUN_JSON
+            atomic.write_text(target, self._text())
         except OSError as exc:
             for name in (RESOLVED_YAML, RUN_JSON):
-                (self.run_dir / name).unlink(missing_ok=True)
-            lost = output_error(self.run_dir / RUN_JSON, exc, "the run record", _RUN_DIR_HINT)
+                if (self.run_dir / name).is_file():  # a directory in the way is not ours
+                    with contextlib.suppress(OSError):
+                        (self.run_dir / name).unlink()
+            lost = output_error(target, exc, "the run record", _RUN_DIR_HINT)
             raise lost from exc
         return self
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from glmdeploy import atomic
 from glmdeploy.config.settings import GIB
+from glmdeploy.outputs import check_file
 from glmdeploy.problems import ConfigError, GlmDeployError, Problem
 from glmdeploy.records.record import RUN_JSON, RunRecord, read_record
 
@@ -80,11 +81,13 @@ def collect_rows(sweep_dir: Path | str) -> list[Row]:
         try:
             records.append((job_dir.name, read_record(job_dir)))
         except GlmDeployError as exc:
-            records.append((job_dir.name, exc.problems[0].message))
+            where = Path(exc.problems[0].path).name  # run.json, or run.json:results
+            records.append((job_dir.name, f"{where}: {exc.problems[0].message}"))
     started = {name for name, _ in records}
     waiting = [(str(num), overrides) for num, overrides in listed if str(num) not in started]
+    planned = {str(num): overrides for num, overrides in listed}  # an unreadable job's too
     swept = swept_values(
-        [r.overrides if isinstance(r, RunRecord) else [] for _, r in records]
+        [r.overrides if isinstance(r, RunRecord) else planned.get(n, []) for n, r in records]
         + [overrides for _, overrides in waiting]
     )
     rows = [
@@ -244,10 +247,18 @@ def csv_text(rows: Sequence[Row]) -> str:
 
 
 def write_report(sweep_dir: Path | str) -> ReportPaths:
-    """Write `report.md`, `report.csv` and `report.png` into the sweep directory."""
+    """Write `report.md`, `report.csv` and `report.png` into the sweep directory.
+
+    Raises:
+        ConfigError: nothing to report (see `collect_rows`).
+        OutputError: one of the three cannot be written (nothing is written then).
+    """
     root = Path(sweep_dir)
     rows = collect_rows(root)
     paths = ReportPaths(root / REPORT_MD, root / REPORT_CSV, root / REPORT_PNG)
+    for path in (paths.markdown, paths.csv, paths.png):  # all writable, or none is written
+        check_file(path, f"the report ({path.name})", hint="write the report where you can: "
+                   "move or remove what is in the way, or copy the sweep directory")  # fmt: skip
     title = f"# glmdeploy report: {root}\n\n{len(rows)} job(s), {_counts(rows)}.\n\n"
     atomic.write_text(paths.markdown, title + markdown(rows))
     atomic.write_text(paths.csv, csv_text(rows))

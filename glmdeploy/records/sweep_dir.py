@@ -8,9 +8,13 @@ A sweep writes `sweep.json` and one numbered job directory per job (`0/`, `1/`, 
   the operating system drops when its process ends, however it ends, so the lock of a dead sweep
   is recovered by the next one without anyone cleaning up.
 - a directory that already holds records (`sweep.json`, `run.json`, numbered job directories with
-  a `run.json`) is refused, unless the user asked to replace them (`--overwrite`, which deletes the
-  old job directories and sweep files first), or the directory was not named by the user (Hydra's
-  default `multirun/DATE/TIME`): then the next free `…-1`, `…-2` beside it is used.
+  a `run.json` or `output.log`) is refused, unless the user asked to replace them (`--overwrite`,
+  which deletes the old job directories and sweep files first), or the directory was not named by
+  the user (Hydra's default `multirun/DATE/TIME`): then the next free `…-1`, `…-2` beside it is
+  used.
+- numbered directories that hold files but no job record, and folders named like a sweep file,
+  are the user's: such a directory is refused even with `--overwrite` (nothing of theirs is
+  deleted or written into).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from glmdeploy.problems import ConfigError, Problem
 
 LOCK_NAME = ".glmdeploy-sweep.lock"
 SWEEP_FILES = ("sweep.json", "report.md", "report.csv", "report.png", "run.json")
+JOB_FILES = ("run.json", "output.log")  # what makes a numbered directory a job's
 _MAX_SIBLINGS = 1000
 
 
@@ -64,6 +69,12 @@ def claim_sweep_dir(root: Path, *, named: bool, overwrite: bool) -> SweepLock:
             if candidate is candidates[-1] or named:
                 raise ConfigError([_locked(candidate, lock)], "the sweep directory is in use")
             continue
+        foreign = foreign_entries(candidate)
+        if foreign:  # the user's own folders: never deleted, never written into
+            lock.release()
+            if named:
+                raise ConfigError([_foreign(candidate, foreign)], "the sweep directory is taken")
+            continue
         records = existing_records(candidate)
         if records and overwrite:
             clear_records(candidate)
@@ -80,20 +91,38 @@ def existing_records(root: Path) -> list[str]:
     """The record files and job directories in `root` that a sweep would overwrite."""
     if not root.is_dir():
         return []
-    found = [name for name in SWEEP_FILES if (root / name).exists()]
+    found = [name for name in SWEEP_FILES if (root / name).is_file()]
     jobs = sorted((p for p in root.iterdir() if p.name.isdigit() and p.is_dir()),
                   key=lambda p: int(p.name))  # fmt: skip
-    return found + [f"{p.name}/" for p in jobs if any(p.iterdir())]
+    return found + [f"{p.name}/" for p in jobs if _is_job_dir(p)]
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """What in `root` has the name of a sweep's record but is not one: numbered directories that
+    hold files but no job record, and folders named like a sweep file. A sweep must neither delete
+    them (--overwrite) nor write into them."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.isdigit() and p.is_dir()
+             and any(p.iterdir()) and not _is_job_dir(p)]  # fmt: skip
+    jobs = [f"{p.name}/" for p in sorted(found, key=lambda p: int(p.name))]
+    named = [f"{n}/" for n in SWEEP_FILES if (root / n).exists() and not (root / n).is_file()]
+    return named + jobs
 
 
 def clear_records(root: Path) -> None:
     """Delete the sweep files and numbered job directories of an earlier sweep (--overwrite)."""
     for name in SWEEP_FILES:
-        with contextlib.suppress(FileNotFoundError):
+        if (root / name).is_file():
             (root / name).unlink()
     for path in root.iterdir():
-        if path.name.isdigit() and path.is_dir():
+        if path.name.isdigit() and path.is_dir() and _is_job_dir(path):
             shutil.rmtree(path)
+
+
+def _is_job_dir(path: Path) -> bool:
+    """A job's directory: its run record, or the output the sweep kept of it."""
+    return any((path / name).is_file() for name in JOB_FILES)
 
 
 def _siblings(root: Path) -> list[Path]:
@@ -144,6 +173,17 @@ def _locked(root: Path, owner: int | str) -> Problem:
         f"another sweep (pid {owner}) is writing into {root}",
         "a directory no running sweep writes into",
         "wait for that sweep to finish, or choose another: hydra.sweep.dir=DIR",
+    )
+
+
+def _foreign(root: Path, folders: list[str]) -> Problem:
+    shown = ", ".join(folders[:6]) + (f", … ({len(folders)} in all)" if len(folders) > 6 else "")
+    return Problem(
+        "hydra.sweep.dir",
+        f"{root} holds folders that are not a sweep's records (no run.json): {shown}; a sweep "
+        "writes its jobs and files there (0/, 1/, …, sweep.json) and --overwrite deletes them",
+        "an empty or new directory",
+        "move those folders away, or choose another: hydra.sweep.dir=DIR",
     )
 
 

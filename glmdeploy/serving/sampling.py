@@ -22,9 +22,12 @@ def resolve_sampling(
     leaves, is refused (as OpenAI refuses it) rather than silently shortened.
 
     Raises:
-        ApiError: 400 `context_length_exceeded` or `invalid_value`.
+        ApiError: 400 `context_length_exceeded` or `invalid_value` (an empty prompt, a cap).
     """
     where = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+    if prompt_tokens < 1:  # generate needs at least one token to start from (vLLM refuses too)
+        message = f"the {where} is empty: it encodes to 0 tokens (this tokenizer adds none)"
+        raise ApiError(400, message, param=where, code="invalid_value")
     room = context_tokens - prompt_tokens
     if room < 1:
         message = (f"This model's maximum context length is {context_tokens} tokens. However, "
