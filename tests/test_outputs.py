@@ -249,6 +249,24 @@ def test_a_job_in_the_same_second_as_another_keeps_its_own_record(
     assert read_record(mine.parent).status == "ok" and f"record: {mine}" in result.out
 
 
+def test_only_a_run_directory_named_by_the_clock_is_claimed_anew(
+    cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A dated `hydra.run.dir` (from the command line or a config file alike) moves on to `-1`
+    when taken; a fixed one is the user's choice and is used as given, every time."""
+    for _ in range(2):
+        assert cli("plan", "gpus=cpu", f"hydra.run.dir={tmp_path}/fixed").code == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["fixed"]
+    import datetime
+
+    year = datetime.date.today().strftime("%Y")
+    (tmp_path / "dated" / year).mkdir(parents=True)  # what ${now:%Y} names, already taken
+    result = cli("plan", "gpus=cpu", f"hydra.run.dir={tmp_path}/dated/${{now:%Y}}")
+    assert result.code == 0, result.err
+    (mine,) = (tmp_path / "dated").glob(f"{year}-1/run.json")
+    assert f"record: {mine}" in result.out
+
+
 @pytest.mark.parametrize("cache", ["{file}", "/proc/glmdeploy-cache"])
 def test_a_cache_under_a_file_is_an_output_error_for_the_embedded_model(
     cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str

@@ -130,8 +130,7 @@ def _run_one(args: Args, source: ConfigSource, job: Job) -> int:
     run_dir = Path(job.run.run_dir).absolute()  # as Hydra's runtime.output_dir
     hint = "set hydra.run.dir=DIR to a directory you can write"
     check_directory(run_dir, "the run directory (hydra.run.dir)", hint=hint)
-    if not any(o.lstrip("+").startswith("hydra.run.dir=") for o in args.overrides):
-        # Hydra's default outputs/DATE/TIME: a job started in the same second must not share it.
+    if job.run.run_dir_dated:  # outputs/DATE/TIME: a job started in the same second has its own
         run_dir = claim_new_directory(run_dir, "the run directory (hydra.run.dir)", hint=hint)
     ctx = JobContext(
         command=args.command, config=job.config, deployment=job.deployment, run_dir=run_dir,

@@ -72,6 +72,8 @@ class RunFacts:
         task_overrides: the overrides that are not Hydra's own (`hydra.…`), as records keep them.
         env_set: `hydra.job.env_set`, environment variables a job sets before it runs.
         chdir: `hydra.job.chdir`, whether a job runs in its run directory.
+        run_dir_dated: `hydra.run.dir` names the clock (`${now:…}`, as the default does): two jobs
+            started in the same second would share it, so each claims its own (`TIME-1`, …).
     """
 
     run_dir: str | None = None
@@ -79,6 +81,7 @@ class RunFacts:
     task_overrides: tuple[str, ...] = ()
     env_set: dict[str, str] = field(default_factory=dict)
     chdir: bool = False
+    run_dir_dated: bool = False
 
 
 @dataclass
@@ -188,6 +191,7 @@ def _compose(
         task_overrides=tuple(map(str, _unresolved_list(hc.overrides.task))),
         env_set={str(k): str(v) for k, v in (hc.job.env_set or {}).items()},
         chdir=bool(hc.job.chdir),
+        run_dir_dated="${now:" in str(OmegaConf.to_container(hc.run, resolve=False).get("dir")),
     )
     hydra = OmegaConf.to_container(hc, resolve=False) if with_hydra else None
     with open_dict(cfg):
