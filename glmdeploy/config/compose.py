@@ -191,7 +191,7 @@ def _compose(
         task_overrides=tuple(map(str, _unresolved_list(hc.overrides.task))),
         env_set={str(k): str(v) for k, v in (hc.job.env_set or {}).items()},
         chdir=bool(hc.job.chdir),
-        run_dir_dated="${now:" in str(OmegaConf.to_container(hc.run, resolve=False).get("dir")),
+        run_dir_dated="${now:" in _unresolved_text(hc.run, "dir"),
     )
     hydra = OmegaConf.to_container(hc, resolve=False) if with_hydra else None
     with open_dict(cfg):
@@ -209,6 +209,14 @@ def _unresolved_list(node: Any) -> list[Any]:
 
     items = OmegaConf.to_container(node, resolve=False)
     return items if isinstance(items, list) else []
+
+
+def _unresolved_text(node: Any, key: str) -> str:
+    """`node[key]` as written (interpolations not resolved), as text."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(node, resolve=False)
+    return str(container.get(key)) if isinstance(container, dict) else ""
 
 
 def _resolved(cfg: Any, key: str) -> str | None:
