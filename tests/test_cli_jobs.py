@@ -82,7 +82,9 @@ def test_convert_then_plan_the_converted_checkpoint(
     assert result.code == 0, result.err
     assert (dst / "config.json").is_file()
     again = cli("convert", str(chatglm3_tiny), str(dst))
-    assert again.code == 4 and "--overwrite" in again.err
+    assert again.code == 2 and "--overwrite" in again.err  # an output problem, not a load one
+    onto_source = cli("convert", str(chatglm3_tiny), str(chatglm3_tiny))
+    assert onto_source.code == 2 and "would overwrite the source checkpoint" in onto_source.err
     plan = cli(
         "plan",
         "model=local",

@@ -28,7 +28,7 @@ from glmdeploy.model.legacy_chatglm import (
     native_config_dict,
     native_tensors,
 )
-from glmdeploy.problems import LoadError
+from glmdeploy.problems import LoadError, OutputError
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "chatglm3-tiny"
 QKV = "transformer.encoder.layers.{}.self_attention.query_key_value.{}"
@@ -433,7 +433,7 @@ def test_destination_in_use_and_side_files(tmp_path: Path) -> None:
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep").write_text("x")
-    with pytest.raises(LoadError, match="already exists and is not empty"):
+    with pytest.raises(OutputError, match="already exists and is not empty"):
         convert_checkpoint(src, dst, progress=False)
     assert (dst / "keep").exists()
     result = convert_checkpoint(src, dst, progress=False, overwrite=True)
@@ -446,7 +446,7 @@ def test_destination_in_use_and_side_files(tmp_path: Path) -> None:
         "tokenizer_config.json",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
-    with pytest.raises(LoadError, match="overwrite the source"):
+    with pytest.raises(OutputError, match="overwrite the source"):
         convert_checkpoint(src, src, progress=False, overwrite=True)
 
 

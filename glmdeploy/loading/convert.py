@@ -40,7 +40,7 @@ from glmdeploy.model.legacy_chatglm import (
     native_tensors,
 )
 from glmdeploy.outputs import check_directory, make_directory, output_error
-from glmdeploy.problems import LoadError, Problem
+from glmdeploy.problems import LoadError, OutputError, Problem
 from glmdeploy.staging import exclusive, publish, recover, staging
 
 CONVERTER_VERSION = 1  # bump when the output of a conversion changes: invalidates cached ones
@@ -87,9 +87,10 @@ def convert_checkpoint(
         max_shard_bytes: the largest output shard.
 
     Raises:
-        LoadError: the source cannot be read or converted, or `dst` is in the way. `dst` is left
-            as it was and the staging directory is removed.
-        OutputError: `dst` cannot be written (under a file, read-only, not enough space).
+        LoadError: the source cannot be read or converted. `dst` is left as it was and the
+            staging directory is removed.
+        OutputError: `dst` cannot be written (under a file, read-only, not enough space), is
+            not empty (without `overwrite`) or lies inside the source.
     """
     src, dst = Path(src), Path(dst)
     legacy = read_config_json(src)
@@ -128,10 +129,18 @@ def _check_destination(src: Path, dst: Path, overwrite: bool, needed_bytes: int)
     check_directory(dst, "the destination", needed_bytes=needed_bytes)
     resolved_src, resolved_dst = src.resolve(), dst.resolve()
     if resolved_dst == resolved_src or resolved_dst in resolved_src.parents:
-        raise LoadError([Problem(str(dst), f"would overwrite the source checkpoint {src}")])
+        raise OutputError(
+            [
+                Problem(
+                    str(dst),
+                    f"would overwrite the source checkpoint {src}",
+                    hint="choose a destination outside the source checkpoint",
+                )
+            ]
+        )
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         hint = "choose another destination, remove it, or pass `glmdeploy convert --overwrite`"
-        raise LoadError([Problem(str(dst), "already exists and is not empty", hint=hint)])
+        raise OutputError([Problem(str(dst), "already exists and is not empty", hint=hint)])
 
 
 def _plan_shards(infos: Mapping[str, TensorInfo], max_shard_bytes: int) -> list[list[str]]:
