@@ -167,6 +167,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: Ser
         ({"n": 2}, 400, "unsupported_value"),
         ({"extra_body": {"tools": []}}, 400, "unsupported_parameter"),
         ({"stream": True, "temperature": 3}, 400, "invalid_value"),
+        ({"prompt": "x" * (CONTEXT * 256 + 2**20)}, 413, "request_too_large"),  # not tokenised
     ]
     for change, status, code in cases:
         with pytest.raises(openai.APIStatusError) as err:
@@ -184,6 +185,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: Ser
     missing = httpx.post(server.url + "/chat/completions", json={"model": "tiny-glm"},
                          headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
+    chunked = httpx.post(
+        server.url + "/completions",
+        content=iter([b"x" * 2**20] * 2),
+        headers={"Authorization": f"Bearer {KEY}"},
+    )  # no Content-Length: read
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
     assert server.health()["status"] == "ok"
     assert client.completions.create(**ok).choices[0].finish_reason == "length"  # same client
 

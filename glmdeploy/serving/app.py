@@ -43,6 +43,8 @@ from glmdeploy.serving.sampling import resolve_sampling
 from glmdeploy.serving.state import RETRY_AFTER_S, ServerState
 
 log = logging.getLogger("glmdeploy.serve")
+BYTES_PER_CONTEXT_TOKEN = 256  # JSON-escaped text of one token, generously (a long token, \uXXXX)
+BODY_SLACK_BYTES = 2**20  # the rest of a request: field names, messages' roles, stop strings
 Ended = Literal["served", "failed", "left"]
 _Body = TypeVar("_Body", bound=BaseModel)
 
@@ -120,7 +122,7 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        body = _parse(ChatCompletionRequest, await request.body())
+        body = _parse(ChatCompletionRequest, await _read_body(request, runtime))
         _check_model(backend, body.model)
         if not backend.has_chat_template:
             message = "this model has no chat template: use /v1/completions"
@@ -135,7 +137,7 @@ def build_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = _parse(CompletionRequest, await request.body())
+        body = _parse(CompletionRequest, await _read_body(request, runtime))
         _check_model(backend, body.model)
         return await respond(request, body, backend.encode_text(body.text()), "completion")
 
@@ -248,6 +250,31 @@ async def _client_gone(receive: Receive) -> None:
     message: Message = await receive()
     while message["type"] != "http.disconnect":
         message = await receive()
+
+
+def max_body_bytes(runtime: Runtime) -> int:
+    """The largest request body read: max_context_tokens × BYTES_PER_CONTEXT_TOKEN + 1 MiB.
+
+    A prompt beyond it cannot fit the context: it is refused (413) before it is read whole or
+    tokenised."""
+    return runtime.max_context_tokens * BYTES_PER_CONTEXT_TOKEN + BODY_SLACK_BYTES
+
+
+async def _read_body(request: Request, runtime: Runtime) -> bytes:
+    """The request body, read up to `max_body_bytes` (ApiError 413 beyond it)."""
+    limit = max_body_bytes(runtime)
+    message = (f"the request body exceeds {limit:,} bytes, more than a prompt of this model's "
+               f"{runtime.max_context_tokens:,}-token context can take")  # fmt: skip
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, message, code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, message, code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _parse(model: type[_Body], raw: bytes) -> _Body:
