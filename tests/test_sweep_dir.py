@@ -42,6 +42,12 @@ def test_a_plan_sweep_runs_here_and_records_every_job(cli: Any, tmp_path: Path) 
     assert not (root / LOCK_NAME).exists()
 
 
+def test_a_sweep_of_one_job_without_overrides_says_so(cli: Any, tmp_path: Path) -> None:
+    result = cli("plan", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.code == 0, result.err
+    assert "job 0: (no overrides): ok" in result.err  # was "job 0: : ok"
+
+
 def test_a_second_sweep_into_a_finished_one_is_refused(cli: Any, tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     assert sweep(cli, root, "precision=bf16,fp16").code == 0

@@ -58,7 +58,7 @@ def run_sweep(args: Args, source: ConfigSource) -> int:
         refuse_transformers_commands(args.command, (j.deployment for j in jobs))
         if args.dry_run:
             for i, job in enumerate(jobs):
-                print(f"job {i}: {' '.join(job.overrides)}")
+                print(f"job {i}: {' '.join(job.overrides) or '(no overrides)'}")
             return ExitCode.OK
         named = any(o.lstrip("+").startswith("hydra.sweep.dir=") for o in args.overrides)
         root = Path(jobs[0].run.sweep_dir or "multirun")
@@ -107,7 +107,7 @@ def _collect(jobs: Sequence[Job], root: Path, outcomes: Iterable[_Outcome], pool
             atomic.write_text(root / str(num) / "output.log", out + err)
             status = "ok" if code == 0 else f"failed (exit {code})"
             tail = err.strip().splitlines()[:1] if code else []
-            label = " ".join(_plain(jobs[num]))
+            label = " ".join(_plain(jobs[num])) or "(no overrides)"
             print(f"job {num}: {label}: {status}" + (f": {tail[0]}" if tail else ""),
                   file=sys.stderr)  # fmt: skip
             codes.append(code)
