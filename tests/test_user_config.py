@@ -100,6 +100,19 @@ def test_missing_directory_and_config_name_are_config_errors(deploy: Path, cli: 
     assert result.code == 2 and "no config 'nope.yaml'" in result.err
 
 
+@pytest.mark.parametrize("text", ["", "defaults:\n  - _self_\nmodel: {}\n"])
+def test_a_user_config_yaml_is_refused_not_composed_as_the_root(
+    deploy: Path, cli: Any, text: str
+) -> None:
+    """It replaced the shipped root config: every group 'missing' and a Hydra change the user never
+    made ('hydra.job_logging: changed by a config file')."""
+    (deploy / "config.yaml").write_text(text)
+    result = cli("validate", "--config-dir", str(deploy))
+    assert result.code == 2 and "(1 problem)" in result.err, result.err
+    assert f"{deploy / 'config.yaml'}: has the name of glmdeploy's root config" in result.err
+    assert "--config-name mine" in result.err and "job_logging" not in result.err
+
+
 def test_config_name_in_a_user_dir_is_validated(deploy: Path, cli: Any) -> None:
     (deploy / "prod.yaml").write_text(
         "defaults:\n  - config\n  - override gpus: our-server\n  - _self_\n"

@@ -20,9 +20,9 @@ from glmdeploy.config.hydra_errors import (
     yaml_problem,
 )
 from glmdeploy.config.hydra_errors import schema_keys as schema_keys  # importable from here too
+from glmdeploy.config.locations import DEFAULT_CONFIG_NAME, SHIPPED_CONF_DIR, ConfigSource
 from glmdeploy.config.locations import GROUPS as GROUPS
 from glmdeploy.config.locations import SCHEMA_PATH as SCHEMA_PATH
-from glmdeploy.config.locations import SHIPPED_CONF_DIR, ConfigSource
 from glmdeploy.config.overrides import screen_overrides, word_key
 from glmdeploy.config.user_dirs import hydra_changes, search_path
 from glmdeploy.problems import ConfigError, Problem
@@ -117,6 +117,9 @@ def compose_tolerant(overrides: Sequence[str], source: ConfigSource | None = Non
 
     source = source or ConfigSource()
     remaining, problems = screen_overrides(overrides)
+    shadowing = _shadowing_root(source)
+    if shadowing is not None:
+        return Composition(None, [*problems, shadowing])
     null_deletes: list[str] = []  # `~key` overrides Hydra could not apply: null key, or none
     while True:
         try:
@@ -146,6 +149,22 @@ def compose_tolerant(overrides: Sequence[str], source: ConfigSource | None = Non
         applied = [f"{word_key(o)}=null" if o in unset else o
                    for o in overrides if o in remaining or o in unset]  # fmt: skip
         return Composition(config, problems, choices, applied, run)
+
+
+def _shadowing_root(source: ConfigSource) -> Problem | None:
+    """A user's `config.yaml` would replace glmdeploy's root config (every default, the Hydra
+    settings) instead of adding to it: refused, with the way to do what it was meant for."""
+    name = f"{DEFAULT_CONFIG_NAME}.yaml"
+    found = next((d / name for d in source.user_dirs if (d / name).is_file()), None)
+    if found is None:
+        return None
+    return Problem(
+        str(found),
+        f"has the name of glmdeploy's root config ({name}), which it would replace whole",
+        "group options (gpus/NAME.yaml, profile/NAME.yaml, …) or a primary config of another name",
+        f"rename it, e.g. to {found.parent / 'mine.yaml'} starting with `defaults: [config, "
+        "_self_]`, and pass --config-name mine; or make it a profile (profile=NAME)",
+    )
 
 
 def _is_missing_delete(exc: BaseException, culprit: str) -> bool:
