@@ -113,6 +113,21 @@ def test_a_user_config_yaml_is_refused_not_composed_as_the_root(
     assert "--config-name mine" in result.err and "job_logging" not in result.err
 
 
+def test_an_option_that_is_not_a_regular_file_is_named(deploy: Path, cli: Any) -> None:
+    """A fifo or a link to /dev/zero was 'unknown option X, did you mean X?'."""
+    import os
+
+    os.mkfifo(deploy / "gpus" / "fifo.yaml")
+    (deploy / "gpus" / "zero.yaml").symlink_to("/dev/zero")
+    for name in ("fifo", "zero"):
+        result = cli("validate", "--config-dir", str(deploy), f"gpus={name}")
+        assert result.code == 2, result.err
+        assert f"{deploy / 'gpus' / name}.yaml is not a regular file" in result.err
+        assert "did you mean" not in result.err
+    listed = cli("validate", "--config-dir", str(deploy), "gpus=nope")
+    assert "fifo" not in listed.err and "zero" not in listed.err and "our-server" in listed.err
+
+
 def test_config_name_in_a_user_dir_is_validated(deploy: Path, cli: Any) -> None:
     (deploy / "prod.yaml").write_text(
         "defaults:\n  - config\n  - override gpus: our-server\n  - _self_\n"

@@ -145,6 +145,12 @@ def translate_hydra_error(
         if match:
             group, option = match.groups()
             options = source.group_options(group)
+            odd = [f for d in source.search_dirs
+                   if (f := d / group / f"{option}.yaml").exists() and not f.is_file()]  # fmt: skip
+            if odd:  # a device, fifo or socket: Hydra does not read it, nor should it
+                message = f"{odd[0]} is not a regular file (a device, fifo or socket?)"
+                hint = "make the option a YAML file"
+                return [Problem(group, message, "a YAML file per option", hint)]
             folders = " ".join(f"{d / group}/" for d in source.search_dirs if (d / group).is_dir())
             hint = did_you_mean(option, options) or f"list them: ls {folders}"
             return [Problem(group, f"unknown option '{option}'", one_of(options, 20), hint)]

@@ -47,7 +47,8 @@ class ConfigSource:
 
     def group_options(self, group: str) -> list[str]:
         """The options of a config group across every directory (YAML files, without suffix)."""
-        return sorted({p.stem for d in self.search_dirs for p in (d / group).glob("*.yaml")})
+        return sorted({p.stem for d in self.search_dirs for p in (d / group).glob("*.yaml")
+                       if p.is_file()})  # fmt: skip
 
     def option_file(self, group: str, option: str) -> Path | None:
         """The file Hydra reads for `group=option`: the first directory that has it."""
