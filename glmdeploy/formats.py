@@ -55,7 +55,8 @@ def read_document(path: Path | str, kind: str, *, title: str | None = None) -> d
         problem = Problem(str(path), f"cannot read the {noun}: {exc}", expected)
         raise ConfigError([problem], title) from exc
     if not isinstance(data, dict):
-        found = type(data).__name__ if not isinstance(data, list) else "a list"
+        json_names = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+        found = json_names.get(type(data), "a number")  # JSON's names, not Python's
         problem = Problem(str(path), f"holds {found}, not a JSON object", expected)
         raise ConfigError([problem], title)
     tag = _validator(kind).schema["properties"].get("format", {}).get("const")

@@ -44,7 +44,8 @@ def without(key: str) -> Edit:
 # (how to spoil a good plan file, where the error points (after the file name), a phrase)
 PLAN_CASES: list[tuple[Edit, str, str]] = [
     (lambda plan: [plan], "", "holds a list, not a JSON object"),
-    (lambda plan: 3, "", "holds int, not a JSON object"),
+    (lambda plan: 3, "", "holds a number, not a JSON object"),
+    (lambda plan: None, "", "holds null, not a JSON object"),
     (set_key("format", "glmdeploy.run/1"), "", "not a glmdeploy.plan/1 file"),
     (without("device_map"), ":device_map", "missing required key"),
     (set_key("device_map", {"model.norm": "cpu"}), ":device_map", "found mapping"),
@@ -114,7 +115,7 @@ def good_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # (how to spoil a good run.json, where the error points (after the file name), a phrase)
 RECORD_CASES: list[tuple[Edit, str, str]] = [
     (lambda record: [record], "", "holds a list, not a JSON object"),
-    (lambda record: "ok", "", "holds str, not a JSON object"),
+    (lambda record: "ok", "", "holds a string, not a JSON object"),
     (set_key("format", "glmdeploy.plan/1"), "", "not a glmdeploy.run/1 file"),
     (set_key("command", "frobnicate"), ":command", "'frobnicate' is not a job glmdeploy can"),
     (without("command"), ":command", "missing required key"),
