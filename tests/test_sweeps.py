@@ -76,8 +76,9 @@ def test_ctrl_c_keeps_finished_records_and_marks_the_running_job(tmp_path: Path)
         pytest.fail("the second job never started")
     time.sleep(0.5)  # well inside its 4000-token generation
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
-    proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
+    assert "sweep interrupted: 1 of 2 job(s) finished ok" in err
     assert json.loads((sweep / "0" / "run.json").read_text())["status"] == "ok"
     interrupted = json.loads(second.read_text())
     assert interrupted["status"] == "interrupted"

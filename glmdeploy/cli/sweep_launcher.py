@@ -115,6 +115,8 @@ def _collect(jobs: Sequence[Job], root: Path, outcomes: Iterable[_Outcome], pool
         if pool is not None:
             pool.terminate()
         _mark_interrupted(root, len(jobs))
+        print(f"sweep interrupted: {codes.count(0)} of {len(jobs)} job(s) finished ok; "
+              f"`glmdeploy report {root}` tabulates them", file=sys.stderr)  # fmt: skip
         return ExitCode.INTERRUPTED
     print(
         f"sweep done: {codes.count(0)} of {len(codes)} ok; "
