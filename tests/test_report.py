@@ -113,6 +113,19 @@ def test_unreadable_records_are_rows_and_jobs_sort_by_number(sweep: Path) -> Non
     assert "| 10 | unreadable |" in markdown(rows)
 
 
+def test_a_plot_of_nothing_but_unreadable_records_is_drawn_without_warnings(sweep: Path) -> None:
+    """Rotated status notes on empty axes collapsed matplotlib's layout (a UserWarning on stderr,
+    the notes outside the picture)."""
+    import warnings
+
+    for n in range(4):
+        (sweep / str(n) / "run.json").write_text("{oops")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = write_report(sweep)
+    assert paths.png.read_bytes().startswith(PNG_MAGIC)
+
+
 def test_an_unreadable_record_keeps_its_swept_values_and_says_which_field(sweep: Path) -> None:
     import json
 

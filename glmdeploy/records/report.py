@@ -300,9 +300,11 @@ def save_report_plot(rows: Sequence[Row], path: Path) -> None:
             note = row.status if not ok else ("not measured" if y is None else "")
             colour = "#C44E52" if not ok else "grey"
             ax.text(x, y or 0, note, ha="center", va="bottom", color=colour, fontsize=8,
-                    rotation=90 if y is None else 0)  # fmt: skip
+                    rotation=90 if y is None else 0, clip_on=True)  # fmt: skip
         if label.startswith("max utilisation"):
             ax.axhline(100, color="black", linewidth=1, linestyle="--")
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_ylim(bottom=0)  # bars start at 0; the status notes stand there
         ax.set_ylabel(label, fontsize=9)
     ticks = [_tick(r) for r in rows]
     wide = max((len(line) for t in ticks for line in t.splitlines()), default=0) * len(rows) > 100
