@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from glmdeploy.hardware.precision import (
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.model.anatomy_cache import anatomy_for
 from glmdeploy.model.hf_config import checkpoint_layout
+from glmdeploy.planning.host_devices import offload_devices
 from glmdeploy.planning.strategies import current_fingerprint, plan_placement, try_plan
 from glmdeploy.planning.types import DeviceSpec, Plan, PlanDoesNotFit, device_label
 from glmdeploy.problems import ConfigError, HardwareError, Problem
@@ -78,41 +78,6 @@ class DeploymentDoesNotFit(PlanDoesNotFit):
 def hardware_for(deployment: Deployment) -> HardwareSnapshot:
     """The GPUs that exist to plan for: the declared fleet, else this machine's (NVML)."""
     return existing_gpus(deployment.gpus)
-
-
-def offload_devices(
-    deployment: Deployment, *, has_gpus: bool, run_dir: Path | None = None
-) -> list[DeviceSpec]:
-    """cpu (RAM the plan may use) and disk (free space) specs, as `placement.offload` allows.
-
-    Without GPUs the CPU runs the model, so it is always offered then.
-    """
-    placement = deployment.placement
-    keys = list(placement.offload.devices)
-    if not has_gpus and "cpu" not in keys:
-        keys.insert(0, "cpu")
-    specs: list[DeviceSpec] = []
-    for key in keys:
-        if key == "cpu":
-            specs.append(DeviceSpec("cpu", None, "CPU RAM", _ram_bytes()))
-        else:
-            folder = Path(placement.offload_folder or run_dir or Path.cwd())
-            specs.append(DeviceSpec("disk", None, f"disk ({folder})", _free_disk(folder)))
-    return specs
-
-
-def _ram_bytes() -> int:
-    """90 % of the RAM available now (the default CPU budget)."""
-    import psutil
-
-    return int(psutil.virtual_memory().available * 0.9)
-
-
-def _free_disk(folder: Path) -> int:
-    probe_dir = folder
-    while not probe_dir.exists() and probe_dir != probe_dir.parent:
-        probe_dir = probe_dir.parent
-    return shutil.disk_usage(probe_dir).free
 
 
 def plan_deployment(
