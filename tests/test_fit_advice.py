@@ -190,6 +190,48 @@ def test_a_cpu_plan_never_suggests_int8_and_quotes_real_numbers(cli: Any, tmp_pa
     assert "max utilisation 0.00" not in shown.err
 
 
+SMALL_DECLARED_GPU = ["gpus.declared=[{name: Small, memory_gib: 0.001}]", "placement.reserve_gib=0"]
+
+
+def test_offload_is_offered_only_where_the_plan_with_it_fits(cli: Any, tmp_path: Path) -> None:
+    """The advice tried offload=cpu on an unlimited CPU: 'offload=cpu fits' for a plan that,
+    made with offload=cpu, did not (it needed more than placement.cpu_memory_gib)."""
+    capped = ["+placement.cpu_memory_gib=0.001", f"hydra.run.dir={tmp_path}/a"]
+    advised = cli("plan", *SMALL_DECLARED_GPU, *capped)
+    assert advised.code == 5 and "placement.offload" not in advised.err, advised.err
+    taken = cli("plan", *SMALL_DECLARED_GPU, *capped, "placement.offload=cpu")
+    assert taken.code == 5, taken.err
+
+
+def test_offload_short_of_this_machines_ram_says_how_much_the_cpu_needs(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A declared fleet's server may have the RAM this machine lacks: the fix names it."""
+    from glmdeploy.planning import host_devices
+
+    monkeypatch.setattr(host_devices, "_ram_bytes", lambda: 100_000)  # this machine: 0.1 MB free
+    advised = cli("plan", *SMALL_DECLARED_GPU, f"hydra.run.dir={tmp_path}/a")
+    assert advised.code == 5, advised.err
+    line = next(s for s in advised.err.splitlines() if s.startswith("  placement.offload:"))
+    assert "offload=cpu fits" in line and "more than the 0.1 MiB this machine gives it" in line
+    hint = re.search(r"hint: (placement.offload=cpu \+\+placement.cpu_memory_gib=1)$", advised.err,
+                     re.MULTILINE)  # fmt: skip
+    assert hint is not None, advised.err
+    taken = cli("plan", *SMALL_DECLARED_GPU, *hint.group(1).split(), f"hydra.run.dir={tmp_path}/b")
+    assert taken.code == 0, taken.err
+
+
+def test_the_ram_a_fix_may_ask_for_is_the_schemas_maximum() -> None:
+    import json
+
+    from glmdeploy.config.locations import SCHEMA_PATH
+    from glmdeploy.planning.fit_advice import MAX_CPU_MEMORY_GIB
+
+    schema = json.loads(Path(SCHEMA_PATH).read_text())
+    placement = schema["properties"]["placement"]["properties"]
+    assert placement["cpu_memory_gib"]["maximum"] == MAX_CPU_MEMORY_GIB
+
+
 needs_no_gpu = pytest.mark.skipif(
     bool(probe().gpus), reason="checks doctor on a machine without GPUs"
 )

@@ -9,11 +9,13 @@ one, after the fixes. int8/int4 are offered only where they can run (`Quantizati
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
 from glmdeploy.config.settings import (
+    GIB,
     Deployment,
     Dtype,
     Offload,
@@ -24,10 +26,12 @@ from glmdeploy.config.settings import (
 from glmdeploy.hardware.precision import ASSUMED, QuantizationSupport
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.planning.budget import percent, size
+from glmdeploy.planning.host_devices import offload_spec
 from glmdeploy.planning.types import DeviceSpec, Plan, device_label
 from glmdeploy.problems import Problem
 
 MAX_EXTRA_GPUS = 64
+MAX_CPU_MEMORY_GIB = 2**20  # the schema's maximum of placement.cpu_memory_gib (a test keeps it so)
 _PRECISION_COST = {
     Dtype.BF16: "bf16 keeps fp32's range with fewer digits, rarely noticeable in inference",
     Quantization.INT8: "8-bit weights (LLM.int8): some loss of quality, slower decoding",
@@ -271,13 +275,49 @@ def _gpu_fix(
 def _offload_fix(
     deployment: Deployment, devices: Sequence[DeviceSpec], weights_only: bool, _try: _Try
 ) -> list[Problem]:
+    """The first offload that fits, on the devices the plan with it would see (this machine's RAM
+    and disk, not unlimited ones). Where only this machine's RAM is short, the offload is offered
+    with the RAM it needs (`placement.cpu_memory_gib`): the machine that runs it may have it."""
     placement = deployment.placement
     if placement.strategy in (Strategy.EXPLICIT, Strategy.TRANSFORMERS):
         return []
     order = [Offload.NONE, Offload.CPU, Offload.DISK]  # each allows more off-GPU devices
     for target in order[order.index(placement.offload) + 1 :]:
         changed = replace(deployment, placement=replace(placement, offload=target))
-        candidate = _try(changed, devices, weights_only)
+        known = {d.key for d in devices}
+        specs = [*devices, *(offload_spec(changed, k) for k in target.devices if k not in known)]
+        candidate, ram_hint = _try(changed, specs, weights_only), ""
+        short = next((r for r in candidate.rows if r.device == "cpu"
+                      and r.total_bytes > r.capacity_bytes), None)  # fmt: skip
+        if short is not None and placement.cpu_memory_gib is None:
+            gib = math.ceil(short.total_bytes / GIB)
+            if gib <= MAX_CPU_MEMORY_GIB:  # the schema's bound
+                more = replace(changed.placement, cpu_memory_gib=gib)
+                candidate = _try(replace(changed, placement=more), specs, weights_only)
+                ram_hint = f" ++placement.cpu_memory_gib={gib}"  # ++: set or add
+        if not candidate.fits:
+            continue
+        costs = [n for n in candidate.notes if n.startswith(("offload:", "no unit is on a GPU"))]
+        ram = sum(r.total_bytes for r in candidate.rows if r.device == "cpu")
+        needs = f"it needs {_gib(ram)} of RAM"
+        if short is not None:
+            needs += f", more than the {_gib(short.capacity_bytes)} this machine gives it"
+        return [
+            Problem(
+                "placement.offload",
+                f"offload={target} fits; cost: "
+                f"{'; '.join(c.removeprefix('offload: ') for c in costs)}; {needs}",
+                hint=f"placement.offload={target}{ram_hint}",
+            )
+        ]
+    return []
+    order = [Offload.NONE, Offload.CPU, Offload.DISK]  # each allows more off-GPU devices
+    for target in order[order.index(placement.offload) + 1 :]:
+        changed = replace(deployment, placement=replace(placement, offload=target))
+        # The devices this offload adds, as the plan with it would see them (not unlimited).
+        known = {d.key for d in devices}
+        specs = [*devices, *(offload_spec(changed, k) for k in target.devices if k not in known)]
+        candidate = _try(changed, specs, weights_only)
         if not candidate.fits:
             continue
         costs = [n for n in candidate.notes if n.startswith(("offload:", "no unit is on a GPU"))]
