@@ -311,24 +311,3 @@ def _offload_fix(
             )
         ]
     return []
-    order = [Offload.NONE, Offload.CPU, Offload.DISK]  # each allows more off-GPU devices
-    for target in order[order.index(placement.offload) + 1 :]:
-        changed = replace(deployment, placement=replace(placement, offload=target))
-        # The devices this offload adds, as the plan with it would see them (not unlimited).
-        known = {d.key for d in devices}
-        specs = [*devices, *(offload_spec(changed, k) for k in target.devices if k not in known)]
-        candidate = _try(changed, specs, weights_only)
-        if not candidate.fits:
-            continue
-        costs = [n for n in candidate.notes if n.startswith(("offload:", "no unit is on a GPU"))]
-        ram = sum(r.total_bytes for r in candidate.rows if r.device == "cpu")
-        return [
-            Problem(
-                "placement.offload",
-                f"offload={target} fits; cost: "
-                f"{'; '.join(c.removeprefix('offload: ') for c in costs)}; it needs {_gib(ram)} "
-                "of RAM",
-                hint=f"placement.offload={target}",
-            )
-        ]
-    return []
