@@ -37,10 +37,9 @@ from glmdeploy.distributed.shards import (
 )
 from glmdeploy.model.anatomy import Anatomy
 from glmdeploy.model.hf_config import hf_config_for
-from glmdeploy.model.workspace_cache import workspace_for
 from glmdeploy.planning.budget import TOLERANCE, fingerprint, percent, size
 from glmdeploy.planning.budget import _row as _budget_row
-from glmdeploy.planning.memory import MemoryModel, memory_model
+from glmdeploy.planning.memory import MemoryModel, deployment_memory
 from glmdeploy.planning.types import (
     BudgetRow,
     DeviceSpec,
@@ -77,13 +76,7 @@ def plan_ranks(
     gpus = [d for d in devices if isinstance(d.key, int)]
     check_plannable(deployment, table, len(gpus))
     local = p.world_size // nnodes
-    workspace = None
-    if not weights_only:
-        target = "cuda" if gpus else "cpu"
-        workspace = workspace_for(deployment.model, anatomy, deployment.precision.dtype,
-                                  target=target)  # fmt: skip
-    memory = memory_model(anatomy, deployment.precision, deployment.runtime, deployment.placement,
-                          weights_only=weights_only, workspace=workspace)  # fmt: skip
+    memory = deployment_memory(deployment, anatomy, gpus=bool(gpus), weights_only=weights_only)
     used = gpus[:local] or [next(d for d in devices if d.key == "cpu")]
     capacities = {d.key: d.capacity_bytes // (1 if gpus else local) for d in used}
     shares = tuple(

@@ -251,13 +251,9 @@ def _gpu_fix(
                     hint=f"select {n} such GPUs (gpus.ids, or gpus.declared to plan for them)",
                 )
             ]
-    from glmdeploy.model.workspace_cache import workspace_for
-    from glmdeploy.planning.memory import memory_model
+    from glmdeploy.planning.memory import deployment_memory
 
-    workspace = None if weights_only else workspace_for(
-        deployment.model, anatomy, deployment.precision.dtype, target="cuda")  # fmt: skip
-    mm = memory_model(anatomy, deployment.precision, deployment.runtime, deployment.placement,
-                      weights_only=weights_only, workspace=workspace)  # fmt: skip
+    mm = deployment_memory(deployment, anatomy, gpus=True, weights_only=weights_only)
     # The unit that needs the most on a GPU of its own: weights, KV cache and its workspace.
     need = [(w + kv + ws, ws) for w, kv, ws in
             zip(mm.unit_weights, mm.unit_kv, mm.unit_workspace, strict=True)]  # fmt: skip

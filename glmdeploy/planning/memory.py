@@ -21,7 +21,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from glmdeploy.config.settings import GIB, Dtype, Placement, Precision, Quantization, Runtime
+from glmdeploy.config.settings import (
+    GIB,
+    Deployment,
+    Dtype,
+    Placement,
+    Precision,
+    Quantization,
+    Runtime,
+)
 from glmdeploy.model.anatomy import Anatomy, dtype_bytes
 from glmdeploy.model.workspace import (
     WorkspaceModel,
@@ -29,6 +37,7 @@ from glmdeploy.model.workspace import (
     formula_logits,
     formula_workspace,
 )
+from glmdeploy.model.workspace_cache import workspace_for
 from glmdeploy.planning.workspace_term import WorkspaceTerm, unit_workspace, workspace_term
 
 
@@ -190,3 +199,16 @@ def memory_model(
         reserve=0 if weights_only else reserve_bytes(placement),
         workspace=term,
     )
+
+
+def deployment_memory(
+    deployment: Deployment, anatomy: Anatomy, *, gpus: bool, weights_only: bool = False
+) -> MemoryModel:
+    """`memory_model` of a deployment, with its model's workspace traced for the kernels of the
+    target (CUDA when the plan has GPUs, else the CPU's; `workspace_for`, cached)."""
+    workspace = None
+    if not weights_only:
+        workspace = workspace_for(deployment.model, anatomy, deployment.precision.dtype,
+                                  target="cuda" if gpus else "cpu")  # fmt: skip
+    return memory_model(anatomy, deployment.precision, deployment.runtime, deployment.placement,
+                        weights_only=weights_only, workspace=workspace)  # fmt: skip

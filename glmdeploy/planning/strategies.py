@@ -34,10 +34,9 @@ from dataclasses import dataclass, replace
 from glmdeploy.config.settings import GIB, CheckpointLayout, Deployment, Dtype, Strategy
 from glmdeploy.hardware.precision import ASSUMED, GpuCapability, QuantizationSupport, resolve_dtype
 from glmdeploy.model.anatomy import Anatomy
-from glmdeploy.model.workspace_cache import workspace_for
 from glmdeploy.planning import partition
 from glmdeploy.planning.budget import TOLERANCE, assemble, fingerprint, percent
-from glmdeploy.planning.memory import MemoryModel, memory_model
+from glmdeploy.planning.memory import MemoryModel, deployment_memory
 from glmdeploy.planning.types import (
     DeviceKey,
     DeviceSpec,
@@ -196,13 +195,7 @@ def _setup(
 ) -> _Setup:
     placement = deployment.placement
     gpus = tuple(d for d in devices if isinstance(d.key, int))
-    workspace = None
-    if not weights_only:  # traced for the target's kernels: CUDA with GPUs, else the CPU's
-        target = "cuda" if gpus else "cpu"
-        workspace = workspace_for(deployment.model, anatomy, deployment.precision.dtype,
-                                  target=target)  # fmt: skip
-    mm = memory_model(anatomy, deployment.precision, deployment.runtime, placement,
-                      weights_only=weights_only, workspace=workspace)  # fmt: skip
+    mm = deployment_memory(deployment, anatomy, gpus=bool(gpus), weights_only=weights_only)
     caps = deployment.gpus.max_memory_gib
     capacities: dict[DeviceKey, int] = {}
     for d in devices:
