@@ -16,7 +16,7 @@ from pathlib import Path
 from glmdeploy.problems import OutputError, Problem
 
 MIN_FREE_BYTES = 2**20  # a run record, a plan, a picture: refuse a disk with less than this free
-_MAX_SIBLINGS = 1000  # `claim_new_directory`: DIR, DIR-1, … DIR-999
+MAX_SIBLINGS = 1000  # `siblings`: DIR, DIR-1, … DIR-999
 
 
 def output_error(path: Path | str, exc: OSError, what: str, hint: str | None = None) -> OutputError:
@@ -92,6 +92,11 @@ def make_directory(path: Path | str, what: str, *, hint: str | None = None) -> P
     return path
 
 
+def siblings(path: Path) -> list[Path]:
+    """`path` and the names that replace it when it is taken: `path-1`, … `path-999`."""
+    return [path, *(path.with_name(f"{path.name}-{n}") for n in range(1, MAX_SIBLINGS))]
+
+
 def claim_new_directory(path: Path | str, what: str, *, hint: str | None = None) -> Path:
     """Create `path`, or the first of `path-1`, `path-2`, … that does not exist yet, and return it.
 
@@ -100,8 +105,7 @@ def claim_new_directory(path: Path | str, what: str, *, hint: str | None = None)
     (`mkdir` fails if another process made it first), so concurrent jobs cannot pick the same one.
     """
     path = make_directory(Path(path).parent, what, hint=hint) / Path(path).name
-    for n in range(_MAX_SIBLINGS):
-        candidate = path if n == 0 else path.with_name(f"{path.name}-{n}")
+    for candidate in siblings(path):
         try:
             candidate.mkdir()
         except FileExistsError:
@@ -109,7 +113,7 @@ def claim_new_directory(path: Path | str, what: str, *, hint: str | None = None)
         except OSError as exc:
             raise output_error(candidate, exc, what, hint) from exc
         return candidate
-    message = f"cannot create {what}: {path} and {_MAX_SIBLINGS - 1} siblings exist"
+    message = f"cannot create {what}: {path} and {MAX_SIBLINGS - 1} siblings exist"
     raise _refuse(path, message, hint)
 
 

@@ -26,12 +26,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from glmdeploy.outputs import siblings
 from glmdeploy.problems import ConfigError, Problem
 
 LOCK_NAME = ".glmdeploy-sweep.lock"
 SWEEP_FILES = ("sweep.json", "report.md", "report.csv", "report.png", "run.json")
 JOB_FILES = ("run.json", "output.log")  # what makes a numbered directory a job's
-_MAX_SIBLINGS = 1000
 
 
 @dataclass
@@ -62,7 +62,7 @@ def claim_sweep_dir(root: Path, *, named: bool, overwrite: bool) -> SweepLock:
         ConfigError: another sweep holds the directory, or it holds records (and not overwrite),
             or it cannot be created.
     """
-    candidates = [root] if named or overwrite else _siblings(root)
+    candidates = [root] if named or overwrite else siblings(root)
     for candidate in candidates:
         lock = _try_lock(candidate)
         if isinstance(lock, int | str):
@@ -123,10 +123,6 @@ def clear_records(root: Path) -> None:
 def _is_job_dir(path: Path) -> bool:
     """A job's directory: its run record, or the output the sweep kept of it."""
     return any((path / name).is_file() for name in JOB_FILES)
-
-
-def _siblings(root: Path) -> list[Path]:
-    return [root, *(root.with_name(f"{root.name}-{n}") for n in range(1, _MAX_SIBLINGS))]
 
 
 def _try_lock(root: Path) -> SweepLock | int | str:
