@@ -1,7 +1,5 @@
 """`python -m glmdeploy` is the `glmdeploy` command."""
 
-import sys
+from glmdeploy.cli.main import console
 
-from glmdeploy.cli.main import main
-
-sys.exit(main())
+console()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from glmdeploy import __version__
 from glmdeploy.cli import commands
@@ -15,6 +16,7 @@ from glmdeploy.cli.args import Args, Command, HelpRequested, UsageError, parse
 from glmdeploy.cli.output import guarded
 from glmdeploy.interrupts import sigterm_as_interrupt
 from glmdeploy.problems import ExitCode
+from glmdeploy.process import exit_process, guard_stdout, tune_collector
 
 
 def _usage(command: str | None = None) -> str:
@@ -45,8 +47,17 @@ def _usage(command: str | None = None) -> str:
     )
 
 
+def console() -> NoReturn:
+    """The `glmdeploy` console script and `python -m glmdeploy`: `main` in a process set up for
+    it (`glmdeploy.process`: the collector's thresholds, a stdout whose reader may leave early,
+    no teardown at the end)."""
+    tune_collector()
+    guard_stdout()
+    exit_process(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `glmdeploy` console script; returns the exit code."""
+    """The `glmdeploy` command on `argv` (default: `sys.argv[1:]`); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(_usage())

@@ -29,6 +29,7 @@ import uvicorn
 
 from glmdeploy.config.settings import Deployment
 from glmdeploy.loading.loader import LoadedModel
+from glmdeploy.process import default_collector
 from glmdeploy.serving.app import build_app
 from glmdeploy.serving.preflight import Listener, api_key, require_tokenizer
 from glmdeploy.serving.state import ServerState
@@ -75,6 +76,7 @@ def serve_model(
         say(f"serving {deployment.model.name} on {listener.url}")
 
     server = _Server(config, on_ready=ready, on_signal=state.drain)
+    default_collector()  # a server runs for long: full collections as usual (glmdeploy.process)
     server.run(sockets=[listener.sock])
     state.cancel_all()  # after a forced exit (a second Ctrl-C) the lifespan end did not run
     backend.close()

@@ -1,0 +1,120 @@
+"""How the `glmdeploy` process starts and ends (`glmdeploy.process`), in real processes: atexit
+handlers run, all output arrives, threads are waited for, a closed pipe is an error."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from glmdeploy import process
+
+
+def script(tmp_path: Path, body: str) -> list[str]:
+    path = tmp_path / "script.py"
+    path.write_text("from glmdeploy.process import exit_process\n" + textwrap.dedent(body))
+    return [sys.executable, str(path)]
+
+
+def test_atexit_handlers_run_and_all_output_arrives(tmp_path: Path) -> None:
+    marker = tmp_path / "atexit-ran"
+    argv = script(
+        tmp_path,
+        f"""
+        import atexit, pathlib, sys
+        atexit.register(pathlib.Path({str(marker)!r}).write_text, "yes")
+        sys.stdout.write("x" * 3_000_000)  # more than any buffer: partly still buffered
+        print("to stderr", file=sys.stderr, end="")
+        exit_process(3)
+    """,
+    )
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout == "x" * 3_000_000 and proc.stderr == "to stderr"
+    assert marker.read_text() == "yes"
+
+
+def test_a_running_thread_is_waited_for(tmp_path: Path) -> None:
+    marker = tmp_path / "thread-finished"
+    argv = script(
+        tmp_path,
+        f"""
+        import pathlib, threading, time
+        def work():
+            time.sleep(0.5)
+            pathlib.Path({str(marker)!r}).write_text("done")
+        threading.Thread(target=work).start()
+        exit_process(0)
+    """,
+    )
+    assert subprocess.run(argv, timeout=60).returncode == 0
+    assert marker.read_text() == "done"
+
+
+def test_output_to_a_closed_pipe_is_a_failure_without_a_traceback(tmp_path: Path) -> None:
+    argv = script(
+        tmp_path,
+        """
+        import sys
+        sys.stdin.readline()  # the reader has gone when this returns
+        print("a plan nobody reads")
+        exit_process(0)
+    """,
+    )
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=buffered)  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
+    proc.stdout.close()
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 1
+    assert proc.stderr.read() == b""
+    proc.stderr.close()
+
+
+def test_the_console_script_tunes_the_collector_and_main_does_not() -> None:
+    before = gc.get_threshold()
+    from glmdeploy.cli.main import main
+
+    assert main(["--version"]) == 0
+    assert gc.get_threshold() == before  # in-process callers keep their own settings
+    code = "import gc; from glmdeploy.cli.main import main; main(['--version']); " \
+           "print(gc.get_threshold())"  # fmt: skip
+    inside = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert inside.stdout.splitlines()[-1] == str(before)
+    try:
+        process.tune_collector()
+        assert gc.get_threshold() == process.THRESHOLDS
+    finally:
+        process.default_collector()
+    assert gc.get_threshold() == before
+    console = [sys.executable, "-c", "import gc, atexit; from glmdeploy.cli.main import console; "
+               "atexit.register(lambda: print(gc.get_threshold())); console()",
+               "--version"]  # fmt: skip
+    out = subprocess.run(console, capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert out[0].startswith("glmdeploy ") and out[-1] == str(process.THRESHOLDS)
+
+
+@pytest.mark.parametrize("unbuffered", ["1", None])
+def test_a_plan_whose_reader_left_finishes_and_is_recorded(
+    tmp_path: Path, unbuffered: str | None
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update({"PYTHONUNBUFFERED": unbuffered} if unbuffered else {})
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "glmdeploy", "plan", "gpus=2x24gib", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # `glmdeploy plan | head -0`: the reader is gone before the first line
+    assert proc.wait(timeout=120) == 0
+    assert b"error" not in proc.stderr.read()
+    proc.stderr.close()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "ok" and (run_dir / "plan.json").is_file()
