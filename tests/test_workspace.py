@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -226,3 +227,59 @@ def test_unknown_kind_names_the_known_ones() -> None:
     model = traced(config("glm"))
     with pytest.raises(KeyError, match="kinds: dense, head"):
         workspace_bytes(model, "moe", 16)
+
+
+FORK_SCRIPT = """
+import os, sys
+from dataclasses import replace
+from transformers import AutoConfig
+from glmdeploy.model import workspace_trace
+from glmdeploy.model.skeleton import build_anatomy
+
+cfg = AutoConfig.for_model(sys.argv[1], **TINY[sys.argv[1]])
+anatomy = replace(build_anatomy(cfg), hf_config=cfg)
+assert workspace_trace._can_fork(), "a fresh process on this machine should fork"
+children, in_parent, parent = [], [], os.getpid()
+real_fork, real_run = os.fork, workspace_trace._run
+
+def fork():
+    pid = real_fork()
+    children.extend([pid] if pid else [])
+    return pid
+
+def run(model, first, head, batch, tokens):
+    if sys.argv[2] == "child-fails" and os.getpid() != parent:
+        raise RuntimeError("the child fails")  # it exits 1, sending nothing
+    if os.getpid() == parent:
+        in_parent.append((batch, tokens))
+    return real_run(model, first, head, batch, tokens)
+
+os.fork, workspace_trace._run = fork, run
+forked = workspace_trace.trace_kinds(anatomy, "float32", "sdpa", None)
+points = workspace_trace.GRID + workspace_trace.CHECKS
+mine, theirs = list(points[0::2]), list(points[1::2])
+assert len(children) == 1
+assert in_parent == (mine + theirs if sys.argv[2] == "child-fails" else mine), in_parent
+try:
+    os.waitpid(children[0], os.WNOHANG)
+    raise AssertionError("the child was not reaped")
+except ChildProcessError:
+    pass
+workspace_trace._can_fork = lambda: False
+assert workspace_trace.trace_kinds(anatomy, "float32", "sdpa", None) == forked
+print("ok")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2,
+                    reason="the trace forks on Linux with 2+ cores")  # fmt: skip
+@pytest.mark.parametrize(("model_type", "child"), [("glm4_moe", "child-works"),
+                                                   ("glm", "child-fails")])  # fmt: skip
+def test_forked_trace_equals_the_in_process_trace(model_type: str, child: str) -> None:
+    """In a fresh process, as the CLI runs it (the fork needs a process with no other thread):
+    half the points run in the child, or, when the child fails, the parent runs them too; the
+    child is reaped, and the result equals the in-process trace."""
+    code = f"TINY = {TINY!r}\n{FORK_SCRIPT}"
+    proc = subprocess.run([sys.executable, "-c", code, model_type, child], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
