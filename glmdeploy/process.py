@@ -13,18 +13,20 @@ Measured on the 2-core development machine (`benchmarks/cli_latency.py`; one col
 plan, which imports torch, transformers and the model's code, traces one block of each kind and
 plans):
 
-- **the collector**: importing torch and transformers creates about a million objects that live
-  until the process ends; with the default thresholds (700, 10, 10) every full collection walks
-  all of them again, 0.64 s of a 3.6 s plan (`gc.callbacks`). `tune_collector` raises the
-  thresholds to `THRESHOLDS`: young objects are still collected every 50,000 allocations, full
-  collections are rare. `default_collector` puts the defaults back where a process runs for long
-  (`glmdeploy serve`, before it starts serving).
+- **the collector**: importing torch, transformers and a model's code creates objects that live
+  until the process ends (360,000 tracked ones after importing GLM-4.5's modeling code); with
+  the default thresholds (700, 10, 10) every full collection walks all of them again: 0.64 s of
+  a 3.6 s plan (`gc.callbacks`). `tune_collector` raises the thresholds to `THRESHOLDS`: young
+  objects are still collected every 50,000 allocations, full collections are rare.
+  `default_collector` puts the defaults back where a process runs for long (`glmdeploy serve`,
+  before it starts serving).
 - **the teardown**: after the last output, Python clears every module and collects what torch and
   transformers made: another 0.5–0.9 s. `exit_process` does what a normal exit does that matters:
-  if a non-daemon thread is still running it takes the normal exit (`sys.exit` joins such
-  threads); otherwise it runs the `atexit` handlers (logging flushes and closes its files,
-  multiprocessing reaps its children, `weakref.finalize` and `tempfile` clean up, coverage saves
-  its data), flushes stdout and stderr, and ends with `os._exit`. Every file glmdeploy writes is
+  it runs the `atexit` handlers (logging flushes and closes its files, multiprocessing reaps its
+  children, `weakref.finalize` and `tempfile` clean up), flushes stdout and stderr, and ends with
+  `os._exit`. It takes the normal exit (`sys.exit`) instead while a non-daemon thread is still
+  running (the normal exit joins it) and under a profiler, tracer or debugger (cProfile prints
+  its table, coverage saves its data, after the module returns). Every file glmdeploy writes is
   closed (and renamed into place) before its command returns, so no data depends on finalizers.
 """
 
@@ -102,6 +104,8 @@ def exit_process(code: int) -> NoReturn:
     main = threading.main_thread()
     if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
         sys.exit(code)  # the normal exit joins them
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)  # `python -m cProfile -m glmdeploy`, a debugger: they report after it
     atexit._run_exitfuncs()  # what the interpreter runs at exit; it prints a handler's exception
     if not _flushed(sys.stdout):
         code = code or ExitCode.FAILURE  # what was printed did not all arrive
