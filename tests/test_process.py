@@ -118,3 +118,9 @@ def test_a_plan_whose_reader_left_finishes_and_is_recorded(
     proc.stderr.close()
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "ok" and (run_dir / "plan.json").is_file()
+
+
+def test_a_profiler_still_gets_its_table() -> None:
+    argv = [sys.executable, "-m", "cProfile", "-m", "glmdeploy", "--version"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "function calls" in proc.stdout
