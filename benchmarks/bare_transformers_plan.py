@@ -5,10 +5,12 @@ on the meta device (no weights), and ask transformers' own `infer_auto_device_ma
 under the same per-GPU budgets; then print the map. `benchmarks/cli_latency.py` times it as a
 subprocess, like the CLI.
 
-    python benchmarks/bare_transformers_plan.py CONFIG_JSON GIB [GIB ...]
+    python benchmarks/bare_transformers_plan.py [--glmdeploy-process] CONFIG_JSON GIB [GIB ...]
 
 CONFIG_JSON is `{"model_type": …, **kwargs}`, the config values glmdeploy's architecture facts give
-transformers (`Architecture.to_hf_kwargs`); each GIB is one GPU's budget.
+transformers (`Architecture.to_hf_kwargs`); each GIB is one GPU's budget. `--glmdeploy-process`
+runs it in a process set up as the `glmdeploy` command's is (`glmdeploy.process`: the collector's
+thresholds, no interpreter teardown), which separates what those settings buy from the rest.
 """
 
 from __future__ import annotations
@@ -35,4 +37,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--glmdeploy-process"]:
+        from glmdeploy.process import exit_process, tune_collector
+
+        tune_collector()
+        exit_process(main(sys.argv[2:]))
     sys.exit(main(sys.argv[1:]))

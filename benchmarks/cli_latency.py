@@ -11,7 +11,10 @@ everything it waited for), run in interleaved rounds; the table shows medians an
 - 8-job plan sweep of the cached model (`gpus` × `precision` × `runtime`, every job recorded).
 - validate, and the same cold/warm pair for a GLM-4.5-Air-sized MoE (warm: the shipped option).
 - bare transformers: `benchmarks/bare_transformers_plan.py`, the same meta model placed by
-  transformers' `infer_auto_device_map` under the same budgets (what a user writes without us).
+  transformers' `infer_auto_device_map` under the same budgets (what a user writes without us);
+  and the same script in a process set up as glmdeploy's is (`glmdeploy.process`: collector
+  thresholds, no teardown), to show what glmdeploy's own work costs apart from those settings
+  (printed under the table as cold plan ÷ that).
 
 A first untimed round writes the bytecode caches, as any installed Python has them
 (`PYTHONDONTWRITEBYTECODE` is removed from the children's environment). The machine's load average
@@ -41,6 +44,7 @@ from glmdeploy.model.hf_config import config_from_architecture
 BARE = Path(__file__).resolve().parent / "bare_transformers_plan.py"
 GLM9B = ["model=glm-4-9b-chat-hf", "gpus=2x24gib"]
 AIR = ["model=glm-4.5-air", "gpus=8x80gib"]
+TUNED = "bare transformers, glmdeploy's process settings"
 SWEEP = ["gpus=2x24gib,4x24gib", "precision=bf16,fp16", "runtime=chat,batch",
          "model=glm-4-9b-chat-hf"]  # fmt: skip
 
@@ -92,6 +96,9 @@ def scenarios(root: Path) -> list[Scenario]:
                  targets=((warm, 2.0),)),
         Scenario("validate", lambda d: glmdeploy("validate", *GLM9B), targets=(("s", 0.3),)),
         Scenario(bare, lambda d: [sys.executable, str(BARE), glm_kwargs, "23", "23"]),
+        Scenario(TUNED + " (GLM-4-9B)",
+                 lambda d: [sys.executable, str(BARE), "--glmdeploy-process", glm_kwargs, "23",
+                            "23"]),
         Scenario("warm plan (GLM-4.5-Air-sized MoE)",
                  lambda d: glmdeploy("plan", *AIR, run_dir(d)), targets=(("s", 0.6),)),
         Scenario("cold plan (GLM-4.5-Air-sized MoE checkpoint)",
@@ -100,6 +107,9 @@ def scenarios(root: Path) -> list[Scenario]:
                  fresh_cache=True, targets=(("s", 3.0),)),
         Scenario("bare transformers (GLM-4.5-Air-sized)",
                  lambda d: [sys.executable, str(BARE), air_kwargs, *["79"] * 8]),
+        Scenario(TUNED + " (GLM-4.5-Air-sized)",
+                 lambda d: [sys.executable, str(BARE), "--glmdeploy-process", air_kwargs,
+                            *["79"] * 8]),
     ]  # fmt: skip
 
 
@@ -170,6 +180,17 @@ def print_table(todo: list[Scenario], torch_warm: bool, load_before: tuple[float
                 (s.name, f"{wall[s.name]:.2f} | {cpu[s.name]:.2f}") if i == 0 else ("", " | ")
             )
             print(f"| {name} | {times} | {target} | {by_wall} | {by_cpu} |")
+
+    print()
+    for cold, model in (
+        ("cold plan (GLM-4-9B checkpoint, anatomy built)", "GLM-4-9B"),
+        ("cold plan (GLM-4.5-Air-sized MoE checkpoint)", "GLM-4.5-Air-sized"),
+    ):
+        tuned = f"{TUNED} ({model})"  # what glmdeploy's own work costs, process settings aside
+        print(
+            f"{cold} ÷ {tuned}: {wall[cold] / wall[tuned]:.2f}× wall, "
+            f"{cpu[cold] / cpu[tuned]:.2f}× CPU"
+        )
 
 
 def _verdict(value: float, limit: float, unit: str = " s") -> str:
