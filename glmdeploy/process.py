@@ -17,9 +17,10 @@ plans):
   until the process ends (360,000 tracked ones after importing GLM-4.5's modeling code); with
   the default thresholds (700, 10, 10) every full collection walks all of them again: 0.64 s of
   a 3.6 s plan (`gc.callbacks`). `tune_collector` raises the thresholds to `THRESHOLDS`: young
-  objects are still collected every 50,000 allocations, full collections are rare.
-  `default_collector` puts the defaults back where a process runs for long (`glmdeploy serve`,
-  before it starts serving).
+  objects are still collected every 50,000 allocations, full collections are rare. That is for
+  the setup (composing, planning, importing, loading); `default_collector` puts the defaults
+  back when the model starts running (`generate`, `bench`, `serve`), so that tokens/s and memory
+  are measured, and a server runs for days, as in any Python process.
 - **the teardown**: after the last output, Python clears every module and collects what torch and
   transformers made: another 0.5–0.9 s. `exit_process` does what a normal exit does that matters:
   it runs the `atexit` handlers (logging flushes and closes its files, multiprocessing reaps its

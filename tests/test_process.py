@@ -124,3 +124,21 @@ def test_a_profiler_still_gets_its_table() -> None:
     argv = [sys.executable, "-m", "cProfile", "-m", "glmdeploy", "--version"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "function calls" in proc.stdout
+
+
+def test_the_model_runs_with_the_default_collector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import glmdeploy
+
+    monkeypatch.setenv("GLMDEPLOY_CACHE", str(tmp_path))
+    defaults = gc.get_threshold()
+    loaded = glmdeploy.load(["gpus=cpu", "runtime.max_new_tokens=2"])
+    try:
+        for run in (lambda: glmdeploy.generate(loaded), lambda: glmdeploy.bench(loaded, repeats=1)):
+            process.tune_collector()  # as the console script does: planning and loading tuned
+            run()  # then the model runs as in any process
+            assert gc.get_threshold() == defaults
+    finally:
+        process.default_collector()
+        gc.set_threshold(*defaults)

@@ -22,6 +22,7 @@ from glmdeploy.config.settings import Runtime
 from glmdeploy.loading.loader import LoadedModel, quiet_transformers
 from glmdeploy.loading.verify import DeviceBytes
 from glmdeploy.problems import ConfigError, Problem
+from glmdeploy.process import default_collector
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ def generate(
     """
     ids = prompt_ids(loaded, runtime) if input_ids is None else input_ids
     config = _greedy_config(loaded, runtime, ids.shape[1])
+    default_collector()  # the model runs as in any process (glmdeploy.process)
     started = time.perf_counter()
     with torch.inference_mode(), quiet_transformers():
         out = loaded.model.generate(
@@ -139,6 +141,7 @@ def bench(loaded: LoadedModel, runtime: Runtime, repeats: int = 5) -> BenchResul
     ids = prompt_ids(loaded, runtime)
     config = _greedy_config(loaded, runtime, ids.shape[1])
     config.min_new_tokens = config.max_new_tokens  # every run decodes the same number of tokens
+    default_collector()  # timed as in any process (glmdeploy.process)
     reset_peak_memory(loaded)
     ttft: list[float] = []
     decode: list[float] = []

@@ -76,7 +76,7 @@ def serve_model(
         say(f"serving {deployment.model.name} on {listener.url}")
 
     server = _Server(config, on_ready=ready, on_signal=state.drain)
-    default_collector()  # a server runs for long: full collections as usual (glmdeploy.process)
+    default_collector()  # the model runs, for days, as in any process (glmdeploy.process)
     server.run(sockets=[listener.sock])
     state.cancel_all()  # after a forced exit (a second Ctrl-C) the lifespan end did not run
     backend.close()
