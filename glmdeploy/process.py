@@ -115,7 +115,8 @@ def exit_process(code: int) -> NoReturn:
 
 
 def _flushed(stream: object) -> bool:
-    """Flush `stream`; False if that failed (its reader is gone: `glmdeploy plan | head`)."""
+    """Flush `stream`; False if that failed (`> file` on a full disk; a reader that left is
+    absorbed by `ReaderMayLeave`)."""
     flush = getattr(stream, "flush", None)
     if flush is None:
         return True
