@@ -7,7 +7,9 @@ console script and `python -m glmdeploy` do this (`glmdeploy.cli.main.console`);
 A reader that closes stdout early does not stop the job: what it prints from then on is
 discarded, and the job finishes and is recorded as it would have been (before, the job's record
 said `failed: internal error, SystemExit: 1`, rich's reaction to a broken pipe, and the exit code
-was 1). `ReaderMayLeave` wraps `sys.stdout` for that.
+was 1). Output that cannot be written for another reason (`> file` on a full disk) is discarded
+the same way, and the command ends saying so, with exit code 1 if it had succeeded.
+`ReaderMayLeave` wraps `sys.stdout` for that.
 
 Measured on the 2-core development machine (`benchmarks/cli_latency.py`; one cold GLM-4.5-Air-sized
 plan, which imports torch, transformers and the model's code, traces one block of each kind and
@@ -61,30 +63,35 @@ def default_collector() -> None:
 
 
 class ReaderMayLeave:
-    """`sys.stdout` whose reader may close it: once a write or flush meets a broken pipe, the
-    file descriptor is pointed at /dev/null and the rest is discarded; everything else is the
-    wrapped stream's."""
+    """`sys.stdout` whose reader may close it: once a write or flush fails (a broken pipe, or
+    any other error such as a full disk behind `> file`), the file descriptor is pointed at
+    /dev/null and the rest is discarded, so the job still finishes and is recorded. A broken
+    pipe is the reader's choice and is not an error; any other failure is kept in `error`, for
+    `exit_process` to report. Everything else is the wrapped stream's."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self.error: OSError | None = None
 
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._discard_the_rest()
+        except OSError as exc:
+            self._discard_the_rest(exc)
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._discard_the_rest()
+        except OSError as exc:
+            self._discard_the_rest(exc)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
-    def _discard_the_rest(self) -> None:
+    def _discard_the_rest(self, exc: OSError) -> None:
+        if not isinstance(exc, BrokenPipeError) and self.error is None:
+            self.error = exc
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, self._stream.fileno())
@@ -108,20 +115,22 @@ def exit_process(code: int) -> NoReturn:
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)  # `python -m cProfile -m glmdeploy`, a debugger: they report after it
     atexit._run_exitfuncs()  # what the interpreter runs at exit; it prints a handler's exception
-    if not _flushed(sys.stdout):
-        code = code or ExitCode.FAILURE  # what was printed did not all arrive
-    _flushed(sys.stderr)
+    lost = _flush_error(sys.stdout) or getattr(sys.stdout, "error", None)
+    if lost is not None:  # what was printed did not all arrive
+        print(f"error: the output could not be written: {lost}", file=sys.stderr)
+        code = code or ExitCode.FAILURE
+    _flush_error(sys.stderr)
     os._exit(code)
 
 
-def _flushed(stream: object) -> bool:
-    """Flush `stream`; False if that failed (`> file` on a full disk; a reader that left is
-    absorbed by `ReaderMayLeave`)."""
+def _flush_error(stream: object) -> Exception | None:
+    """Flush `stream`; the error if that failed (a stream that is not a `ReaderMayLeave`)."""
     flush = getattr(stream, "flush", None)
-    if flush is None:
-        return True
     try:
-        flush()
-    except (OSError, ValueError):  # BrokenPipeError; a closed stream
-        return False
-    return True
+        if flush is not None:
+            flush()
+    except BrokenPipeError:  # the reader left: its choice, as with `ReaderMayLeave`
+        return None
+    except (OSError, ValueError) as exc:  # a full disk; a closed stream
+        return exc
+    return None
