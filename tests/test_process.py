@@ -1,5 +1,6 @@
 """How the `glmdeploy` process starts and ends (`glmdeploy.process`), in real processes: atexit
-handlers run, all output arrives, threads are waited for, a closed pipe is an error."""
+handlers run, all output arrives, threads are waited for, a reader that left is not an error and
+a full disk is, and the job is recorded either way."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def test_the_console_script_tunes_the_collector_and_main_does_not() -> None:
     assert gc.get_threshold() == before  # in-process callers keep their own settings
     code = "import gc; from glmdeploy.cli.main import main; main(['--version']); " \
            "print(gc.get_threshold())"  # fmt: skip
-    inside = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    inside = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
     assert inside.stdout.splitlines()[-1] == str(before)
     try:
         process.tune_collector()
