@@ -104,14 +104,20 @@ def test_the_console_script_tunes_the_collector_and_main_does_not() -> None:
     assert out[0].startswith("glmdeploy ") and out[-1] == str(process.THRESHOLDS)
 
 
-@pytest.mark.parametrize("unbuffered", ["1", None])
-def test_a_plan_whose_reader_left_finishes_and_is_recorded(
-    tmp_path: Path, unbuffered: str | None
-) -> None:
+def a_plan(tmp_path: Path, unbuffered: str | None) -> tuple[list[str], dict[str, str], Path]:
+    """`glmdeploy plan` as a command line, its environment (stdout buffered or not) and run dir."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     env.update({"PYTHONUNBUFFERED": unbuffered} if unbuffered else {})
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "glmdeploy", "plan", "gpus=2x24gib", f"hydra.run.dir={run_dir}"]
+    return argv, env, run_dir
+
+
+@pytest.mark.parametrize("unbuffered", ["1", None])
+def test_a_plan_whose_reader_left_finishes_and_is_recorded(
+    tmp_path: Path, unbuffered: str | None
+) -> None:
+    argv, env, run_dir = a_plan(tmp_path, unbuffered)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # `glmdeploy plan | head -0`: the reader is gone before the first line
@@ -151,10 +157,7 @@ def test_the_model_runs_with_the_default_collector(
 def test_output_to_a_full_disk_is_an_error_but_the_job_is_recorded(
     tmp_path: Path, unbuffered: str | None
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    env.update({"PYTHONUNBUFFERED": unbuffered} if unbuffered else {})
-    run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "glmdeploy", "plan", "gpus=2x24gib", f"hydra.run.dir={run_dir}"]
+    argv, env, run_dir = a_plan(tmp_path, unbuffered)
     with open("/dev/full", "w") as full:  # every write fails: no space left on device
         proc = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, env=env,
                               timeout=120)  # fmt: skip
