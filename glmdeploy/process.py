@@ -102,23 +102,30 @@ class ReaderMayLeave:
 
 
 def guard_stdout() -> None:
-    """Let stdout's reader leave early (see the module docstring)."""
-    if not isinstance(sys.stdout, ReaderMayLeave) and sys.stdout is not None:
-        sys.stdout = ReaderMayLeave(sys.stdout)
+    """Let stdout's reader leave early (see the module docstring); only a stdout with a file
+    descriptor (one that can be pointed at /dev/null) is wrapped."""
+    if sys.stdout is None or isinstance(sys.stdout, ReaderMayLeave):
+        return
+    try:
+        sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation: e.g. a StringIO
+        return
+    sys.stdout = ReaderMayLeave(sys.stdout)
 
 
 def exit_process(code: int) -> NoReturn:
     """End the process with `code`, skipping the interpreter's teardown (module docstring)."""
     main = threading.main_thread()
-    if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
-        sys.exit(code)  # the normal exit joins them
-    if sys.getprofile() is not None or sys.gettrace() is not None:
-        sys.exit(code)  # `python -m cProfile -m glmdeploy`, a debugger: they report after it
-    atexit._run_exitfuncs()  # what the interpreter runs at exit; it prints a handler's exception
+    running = any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate())
+    watched = sys.getprofile() is not None or sys.gettrace() is not None  # cProfile, a debugger
+    if not (running or watched):
+        atexit._run_exitfuncs()  # what the interpreter runs at exit; it prints their exceptions
     lost = _flush_error(sys.stdout) or getattr(sys.stdout, "error", None)
     if lost is not None:  # what was printed did not all arrive
         print(f"error: the output could not be written: {lost}", file=sys.stderr)
         code = code or ExitCode.FAILURE
+    if running or watched:
+        sys.exit(code)  # the normal exit: it joins the threads; the profiler reports after it
     _flush_error(sys.stderr)
     os._exit(code)
 
