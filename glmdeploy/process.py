@@ -8,7 +8,8 @@ A reader that closes stdout early does not stop the job: what it prints from the
 discarded, and the job finishes and is recorded as it would have been (before, the job's record
 said `failed: internal error, SystemExit: 1`, rich's reaction to a broken pipe, and the exit code
 was 1). Output that cannot be written for another reason (`> file` on a full disk) is discarded
-the same way, and the command ends saying so, with exit code 1 if it had succeeded.
+the same way, and the command ends saying so, with exit code 2 (as for any output that cannot be
+written, `glmdeploy.problems.OutputError`) if it had succeeded.
 `ReaderMayLeave` wraps `sys.stdout` for that.
 
 Measured on the 2-core development machine (`benchmarks/cli_latency.py`; one cold GLM-4.5-Air-sized
@@ -121,9 +122,9 @@ def exit_process(code: int) -> NoReturn:
     if not (running or watched):
         atexit._run_exitfuncs()  # what the interpreter runs at exit; it prints their exceptions
     lost = _flush_error(sys.stdout) or getattr(sys.stdout, "error", None)
-    if lost is not None:  # what was printed did not all arrive
-        print(f"error: the output could not be written: {lost}", file=sys.stderr)
-        code = code or ExitCode.FAILURE
+    if lost is not None:  # what was printed did not all arrive: as `OutputError`, exit code 2
+        print(f"error: cannot write the output: stdout: {lost}", file=sys.stderr)
+        code = code or ExitCode.CONFIG
     if running or watched:
         sys.exit(code)  # the normal exit: it joins the threads; the profiler reports after it
     _flush_error(sys.stderr)

@@ -161,9 +161,9 @@ def test_output_to_a_full_disk_is_an_error_but_the_job_is_recorded(
     with open("/dev/full", "w") as full:  # every write fails: no space left on device
         proc = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, env=env,
                               timeout=120)  # fmt: skip
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # as any output that cannot be written
     assert proc.stderr.strip().endswith(
-        "error: the output could not be written: [Errno 28] No space left on device"
+        "error: cannot write the output: stdout: [Errno 28] No space left on device"
     )
     assert "Traceback" not in proc.stderr
     assert json.loads((run_dir / "run.json").read_text())["status"] == "ok"
