@@ -163,6 +163,12 @@ def _owner(path: Path) -> int | str:
     return int(text) if text.isdigit() else "unknown"
 
 
+def _some_of(names: list[str], most: int = 6) -> str:
+    """The names, comma-separated; past `most` of them, the first `most` and `… (N in all)`."""
+    more = f", … ({len(names)} in all)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
 def _locked(root: Path, owner: int | str) -> Problem:
     return Problem(
         "hydra.sweep.dir",
@@ -173,7 +179,7 @@ def _locked(root: Path, owner: int | str) -> Problem:
 
 
 def _foreign(root: Path, folders: list[str]) -> Problem:
-    shown = ", ".join(folders[:6]) + (f", … ({len(folders)} in all)" if len(folders) > 6 else "")
+    shown = _some_of(folders)
     return Problem(
         "hydra.sweep.dir",
         f"{root} holds folders that are not a sweep's records (no run.json): {shown}; a sweep "
@@ -184,7 +190,7 @@ def _foreign(root: Path, folders: list[str]) -> Problem:
 
 
 def _taken(root: Path, records: list[str]) -> Problem:
-    shown = ", ".join(records[:6]) + (f", … ({len(records)} in all)" if len(records) > 6 else "")
+    shown = _some_of(records)
     return Problem(
         "hydra.sweep.dir",
         f"{root} already holds the records of a sweep ({shown})",
